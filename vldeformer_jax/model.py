@@ -1,0 +1,297 @@
+"""The Oscar/VinVL `BertImgModel` in Flax, with its two forwards: decomposed and early-interaction.
+
+Why linen: the parameter tree is a plain nested dict whose paths are the PyTorch state-dict keys with
+`.` -> `/` (`bert/encoder/layer/3/attention/self/query/kernel`), so checkpoint conversion is a rename
+table, orbax saves it as it is, and sharding rules match on those same paths. HF's v4 Flax BERT used
+the same names, which keeps converted trees familiar.
+
+One set of weights serves every use (spec 1.2 and 11.4):
+- `VLDeformer.embed`: one modality alone (a caption, or tags + regions) -> pooled embedding. This is the
+  decomposed encoder: call it once for texts and once for images.
+- `VLDeformer.match_logits`: caption + tags + regions together -> 2-way logits of the VinVL retrieval head;
+  softmax(...)[..., 1] is the early-interaction match score.
+- `VLDeformer.mlm_logits`: the masked-language-model head (tied to the word embeddings), for stage 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vldeformer_jax.model_config import ModelConfig
+
+Array = jax.Array
+
+# The additive key mask of BERT/Oscar (spec 2.2): -10000, not -inf, so fully padded rows stay finite and
+# match the PyTorch reference exactly.
+MASK_VALUE = -10000.0
+
+
+def compute_dtype(config: ModelConfig):
+  return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def _dense(config: ModelConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(
+      features,
+      dtype=compute_dtype(config),
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.normal(config.initializer_range),
+      name=name)
+
+
+def _layer_norm(config: ModelConfig, name: str, eps: float | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps if eps is None else eps,
+      dtype=compute_dtype(config),
+      param_dtype=jnp.float32,
+      name=name)
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position (0..L-1) + token-type embeddings, LayerNorm, dropout."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    cfg = self.config
+
+    def embed(num, name):
+      return nn.Embed(num, cfg.hidden_size, dtype=jnp.float32, param_dtype=jnp.float32,
+                      embedding_init=nn.initializers.normal(cfg.initializer_range), name=name)
+
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    h = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+         + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+         + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+    h = _layer_norm(cfg, "LayerNorm")(h)
+    return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head attention with an additive key mask; the fused XLA kernel when there is no dropout."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, bias, deterministic: bool):
+    cfg = self.config
+    shape = h.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim)
+    q = _dense(cfg, cfg.hidden_size, "query")(h).reshape(shape)
+    k = _dense(cfg, cfg.hidden_size, "key")(h).reshape(shape)
+    v = _dense(cfg, cfg.hidden_size, "value")(h).reshape(shape)
+    bias = bias.astype(q.dtype)
+    dropout = cfg.attention_probs_dropout_prob
+    if deterministic or dropout == 0.0:
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    else:
+      # jax.nn.dot_product_attention has no dropout on the probabilities: spell it out in training.
+      logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(cfg.head_dim) + bias
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+      probs = nn.Dropout(dropout)(probs, deterministic=False)
+      ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+    return ctx.reshape(h.shape[:-1] + (cfg.hidden_size,))
+
+
+class BertResidualOutput(nn.Module):
+  """Dense -> dropout -> add residual -> LayerNorm: the post-LN tail of both BERT sub-blocks."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, residual, deterministic: bool):
+    x = _dense(self.config, self.config.hidden_size, "dense")(x)
+    x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+    return _layer_norm(self.config, "LayerNorm")(x + residual)
+
+
+class BertAttention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, bias, deterministic: bool):
+    ctx = BertSelfAttention(self.config, name="self")(h, bias, deterministic)
+    return BertResidualOutput(self.config, name="output")(ctx, h, deterministic)
+
+
+class BertIntermediate(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h):
+    # BERT's GELU is the exact erf form; flax's default is the tanh approximation.
+    return nn.gelu(_dense(self.config, self.config.intermediate_size, "dense")(h), approximate=False)
+
+
+class BertLayer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, bias, deterministic: bool):
+    h = BertAttention(self.config, name="attention")(h, bias, deterministic)
+    inner = BertIntermediate(self.config, name="intermediate")(h)
+    return BertResidualOutput(self.config, name="output")(inner, h, deterministic)
+
+
+class BertLayerCollection(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, bias, deterministic: bool):
+    for i in range(self.config.num_hidden_layers):
+      h = BertLayer(self.config, name=str(i))(h, bias, deterministic)
+    return h
+
+
+class BertEncoder(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, bias, deterministic: bool):
+    return BertLayerCollection(self.config, name="layer")(h, bias, deterministic)
+
+
+class BertImgModel(nn.Module):
+  """Oscar/VinVL BertImgModel (spec 2.2): tokens first, then regions, one post-LN BERT encoder.
+
+  `attention_mask` covers the tokens then the regions: [B, L_tokens + L_regions]. Regions get no position
+  or token-type embedding; they go through Linear -> LayerNorm -> dropout and are appended after the
+  tokens. Returns (sequence output [B, L, H], pooler output tanh(Dense(h_CLS)) [B, H]).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
+    cfg = self.config
+    dtype = compute_dtype(cfg)
+    parts = []
+    if input_ids is not None:
+      parts.append(BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic))
+    if img_feats is not None:
+      e = _dense(cfg, cfg.hidden_size, "img_embedding")(img_feats.astype(dtype))
+      if cfg.use_img_layernorm:
+        e = _layer_norm(cfg, "LayerNorm", eps=cfg.img_layer_norm_eps)(e)
+      parts.append(nn.Dropout(cfg.hidden_dropout_prob)(e, deterministic=deterministic))
+    h = jnp.concatenate([p.astype(dtype) for p in parts], axis=1) if len(parts) > 1 else parts[0].astype(dtype)
+    if attention_mask.shape != h.shape[:2]:
+      raise ValueError(f"attention_mask has shape {attention_mask.shape}, but the input sequence has shape "
+                       f"{h.shape[:2]} (tokens then regions)")
+    bias = (1.0 - attention_mask.astype(jnp.float32))[:, None, None, :] * MASK_VALUE
+    h = BertEncoder(cfg, name="encoder")(h, bias, deterministic)
+    return h, BertPooler(cfg, name="pooler")(h)
+
+
+class BertPooler(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h):
+    return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(h[:, 0]))
+
+
+class MlmTransform(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h):
+    h = _dense(self.config, self.config.hidden_size, "dense")(h)
+    return _layer_norm(self.config, "LayerNorm")(nn.gelu(h, approximate=False))
+
+
+class MlmPredictions(nn.Module):
+  """BERT's `cls.predictions`: transform (Dense, GELU, LayerNorm), then the tied word-embedding decoder."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, word_embeddings: Array):
+    h = MlmTransform(self.config, name="transform")(h)
+    bias = self.param("bias", nn.initializers.zeros, (self.config.vocab_size,), jnp.float32)
+    logits = jnp.einsum("...h,vh->...v", h, word_embeddings.astype(h.dtype))
+    return logits.astype(jnp.float32) + bias
+
+
+class MlmHeads(nn.Module):
+  """`cls/predictions/...` in the PyTorch key layout."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, word_embeddings):
+    return MlmPredictions(self.config, name="predictions")(h, word_embeddings)
+
+
+class VLDeformer(nn.Module):
+  """The shared VL transformer with its decomposed, early-interaction and MLM heads.
+
+  Parameter tree: `bert/...` (the backbone), `classifier/...` (VinVL retrieval head, [H, num_labels]),
+  `cls/predictions/...` (MLM head), and `projection/...` only when `projection_dim > 0`.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.bert = BertImgModel(cfg)
+    self.embed_dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    self.classifier_dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    self.classifier = _dense(cfg, cfg.num_labels, "classifier")
+    self.cls = MlmHeads(cfg)
+    if cfg.projection_dim:
+      self.projection = _dense(cfg, cfg.projection_dim, "projection")
+
+  def __call__(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
+    """Runs every head once; used to initialise the whole tree."""
+    emb = self.embed(input_ids, token_type_ids, attention_mask, img_feats, deterministic=deterministic)
+    logits = self.match_logits(input_ids, token_type_ids, attention_mask, img_feats,
+                               deterministic=deterministic)
+    h, _ = self.bert(input_ids, token_type_ids, attention_mask, img_feats, deterministic=deterministic)
+    return emb, logits, self.mlm_logits(h[:, :2])
+
+  def encode(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
+    """The backbone forward of spec 2.2: (sequence output, pooler output)."""
+    return self.bert(input_ids, token_type_ids, attention_mask, img_feats, deterministic=deterministic)
+
+  def embed(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
+    """Decomposed single-modality embedding (spec 1.2, 11.2), before L2 normalisation, float32 [B, D].
+
+    `mean` (the released model): unmasked mean over every position, padding included; `masked_mean`:
+    over the unmasked positions; `cls`: the BERT pooler output. Then dropout (training only), tanh
+    (not for `cls`, which already ends in tanh), and the optional projection.
+    """
+    h, pooled_cls = self.bert(input_ids, token_type_ids, attention_mask, img_feats,
+                              deterministic=deterministic)
+    h = h.astype(jnp.float32)
+    pooling = self.config.pooling
+    if pooling == "mean":
+      x = jnp.mean(h, axis=1)
+    elif pooling == "masked_mean":
+      m = attention_mask.astype(jnp.float32)[..., None]
+      x = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    else:
+      x = pooled_cls.astype(jnp.float32)
+    x = self.embed_dropout(x, deterministic=deterministic)
+    if pooling != "cls":
+      x = jnp.tanh(x)
+    if self.config.projection_dim:
+      x = self.projection(x)
+    return x.astype(jnp.float32)
+
+  def match_logits(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
+    """Early-interaction logits [B, num_labels] from the pooler (VinVL retrieval head, spec 11.4)."""
+    _, pooled_cls = self.bert(input_ids, token_type_ids, attention_mask, img_feats,
+                              deterministic=deterministic)
+    pooled_cls = self.classifier_dropout(pooled_cls, deterministic=deterministic)
+    return self.classifier(pooled_cls).astype(jnp.float32)
+
+  def mlm_logits(self, hidden):
+    """Vocabulary logits for hidden states [..., H] (gather the masked positions first)."""
+    word_embeddings = self.bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return self.cls(hidden, word_embeddings)
+
+
+def init_params(config: ModelConfig, rng: Array) -> dict[str, Any]:
+  """Random parameters for every head, from tiny dummy inputs (shapes do not depend on lengths)."""
+  model = VLDeformer(config)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  mask = jnp.ones((1, 3), jnp.int32)
+  feats = jnp.zeros((1, 1, config.img_feature_dim), jnp.float32)
+  return model.init({"params": rng}, ids, ids, mask, feats)["params"]
