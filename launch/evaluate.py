@@ -1,0 +1,49 @@
+"""Evaluates an export on a prepared dataset split: `vldeformer_jax.retrieval.evaluate.run_evaluation`.
+
+  python launch/evaluate.py --export=runs/demo/export --data_dir=runs/demo/data --dataset=vldeformer_demo \
+      --split=test --protocol=all --rerank_top_k=10 --cross_encoder --cross_max_images=100 \
+      --output=runs/demo/eval.json
+
+Prints a table (i2t / t2i R@1/5/10, medr, rsum, mAP@R) and writes the JSON atomically. Protocols: full,
+coco5k, flickr1k (every image of the split), coco1k (mean of 5 folds of 1000 images, plus the `test_1k`
+key-file split when the dataset has it), all. Batches are sharded over every local device.
+"""
+import sys
+
+from absl import app
+from absl import flags
+
+_EXPORT = flags.DEFINE_string("export", None, "Export directory (launch/convert_checkpoint.py or training).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir of the prepared dataset.")
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset name (as given to launch/prepare_data.py).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "full", ["full", "coco5k", "coco1k", "flickr1k", "all"],
+                              "Evaluation protocol.")
+_RERANK = flags.DEFINE_integer("rerank_top_k", 0, "Re-score each query's top-K with the early-interaction head.")
+_CROSS = flags.DEFINE_bool("cross_encoder", False, "Also evaluate the early-interaction model on every pair.")
+_CROSS_MAX = flags.DEFINE_integer("cross_max_images", None,
+                                  "Cross-encoder on the first N images only (the decomposed model is then "
+                                  "also reported on the same subset).")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Evaluate the first N images only.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Encoder batch size (rounded up to the device count).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the export's compute dtype.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
+flags.mark_flags_as_required(["export", "data_dir", "dataset"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vldeformer_jax.retrieval import evaluate
+  try:
+    evaluate.run_evaluation(_EXPORT.value, _DATA_DIR.value, _DATASET.value, _SPLIT.value,
+                            protocol=_PROTOCOL.value, rerank_top_k=_RERANK.value, cross_encoder=_CROSS.value,
+                            output=_OUTPUT.value, batch_size=_BATCH.value, max_images=_MAX_IMAGES.value,
+                            cross_max_images=_CROSS_MAX.value, dtype=_DTYPE.value)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

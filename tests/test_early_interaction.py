@@ -1,0 +1,248 @@
+"""Stage-1 objective: pair construction against pack_pairs, the BERT masking rule, hard negatives, sharded
+equality and that a few optimiser steps lower both losses on a toy batch."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from vldeformer_jax import early_interaction as ei
+from vldeformer_jax.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
+from vldeformer_jax.model import VLDeformer, init_params
+from vldeformer_jax.model_config import ModelConfig
+
+LT, R, F, V = 8, 4, 6, 200
+
+
+def tiny_config(**kw):
+  base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=32, img_feature_dim=F, max_text_len=LT, max_regions=R,
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def make_batch(n, seed=0, k_neg=0):
+  rs = np.random.RandomState(seed)
+
+  def segment(rows, token_type):
+    ids = np.zeros((rows, LT), np.int32)
+    mask = np.zeros((rows, LT), np.int32)
+    for i in range(rows):
+      m = rs.randint(1, LT - 1)
+      ids[i, :m + 2] = [101] + list(rs.randint(110, V, size=m)) + [102]
+      mask[i, :m + 2] = 1
+    return ids, mask * token_type, mask
+
+  def pieces(rows):
+    t_ids, t_tt, t_mask = segment(rows, 0)
+    g_ids, g_tt, g_mask = segment(rows, 1)
+    regions = (np.arange(R)[None, :] < rs.randint(1, R + 1, size=(rows, 1))).astype(np.int32)
+    feats = rs.randn(rows, R, F).astype(np.float32) * regions[..., None]
+    text = {"input_ids": t_ids, "token_type_ids": t_tt, "attention_mask": t_mask}
+    image = {"input_ids": g_ids, "token_type_ids": g_tt, "attention_mask": np.concatenate([g_mask, regions], 1),
+             "img_feats": feats}
+    return text, image
+
+  text, image = pieces(n)
+  batch = {f"text_{k}": v for k, v in text.items()}
+  batch.update({f"image_{k}": v for k, v in image.items()})
+  batch["image_id"] = np.arange(n, dtype=np.int64) + 1000
+  if k_neg:
+    nt, ni = pieces(n * k_neg)
+    batch.update({f"neg_text_{k}": v.reshape((n, k_neg) + v.shape[1:]) for k, v in nt.items()})
+    batch.update({f"neg_image_{k}": v.reshape((n, k_neg) + v.shape[1:]) for k, v in ni.items()})
+  return batch
+
+
+def train_config(**ei_fields):
+  c = ml_collections.ConfigDict()
+  c.early_interaction = ml_collections.ConfigDict(dict(ei.DEFAULTS, **ei_fields))
+  c.loss = ml_collections.ConfigDict({"mlm_weight": 1.0})
+  return c
+
+
+def rows(d, idx):
+  return {k: np.asarray(v)[np.asarray(idx)] for k, v in d.items()}
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  cfg = tiny_config()
+  return VLDeformer(cfg), jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
+
+
+def test_random_pairs_match_pack_pairs(model_and_params):
+  model, params = model_and_params
+  n, k, kc = 6, 2, 1
+  batch = make_batch(n, k_neg=kc)
+  opts = ei.options(train_config(num_negatives=k))
+  rng = jax.random.PRNGKey(3)
+  pairs, labels = jax.jit(lambda b, r: ei.build_match_pairs(model, params, b, r, opts))(batch, rng)
+  r_img, r_txt = jax.random.split(rng)
+  img_j = np.asarray(ei.random_others(r_img, n, k))
+  txt_j = np.asarray(ei.random_others(r_txt, n, k))
+  assert np.all(img_j != np.arange(n)[:, None]) and np.all(txt_j != np.arange(n)[:, None])
+  text, image = ei.split_batch(batch)
+  ntext, nimage = (ei.flatten_k(d) for d in ei.split_batch(batch, "neg_"))
+  anchors = np.repeat(np.arange(n), k)
+  expected_t = [text, rows(text, anchors), rows(text, txt_j.reshape(-1)),
+                rows(text, np.repeat(np.arange(n), kc)), ntext]
+  expected_i = [image, rows(image, img_j.reshape(-1)), rows(image, anchors),
+                nimage, rows(image, np.repeat(np.arange(n), kc))]
+  expected = pack_pairs({k_: np.concatenate([np.asarray(d[k_]) for d in expected_t]) for k_ in TEXT_KEYS},
+                        {k_: np.concatenate([np.asarray(d[k_]) for d in expected_i]) for k_ in IMAGE_KEYS})
+  assert pairs["input_ids"].shape[0] == n * (1 + 2 * k + 2 * kc)
+  for key in IMAGE_KEYS:
+    np.testing.assert_array_equal(np.asarray(pairs[key]), np.asarray(expected[key]), err_msg=key)
+  np.testing.assert_array_equal(np.asarray(labels), (np.arange(len(labels)) < n).astype(np.int32))
+  # Switched off, the composed negatives are not used.
+  opts_off = dict(opts, composed_negatives=False)
+  pairs_off = jax.eval_shape(lambda b, r: ei.build_match_pairs(model, params, b, r, opts_off)[0], batch, rng)
+  assert pairs_off["input_ids"].shape[0] == n * (1 + 2 * k)
+
+
+def test_hard_negatives_by_embedding_and_match_score(model_and_params):
+  model, params = model_and_params
+  n = 8
+  batch = make_batch(n, seed=1)
+  batch["image_id"][3] = batch["image_id"][5]  # two rows of one image: never each other's negative
+  text, image = ei.split_batch(batch)
+  embed = jax.jit(lambda *a: model.apply({"params": params}, *a, method=VLDeformer.embed))
+  t = np.asarray(embed(*[text[x] for x in TEXT_KEYS]))
+  v = np.asarray(embed(*[image[x] for x in IMAGE_KEYS]))
+  t = t / np.linalg.norm(t, axis=1, keepdims=True)
+  v = v / np.linalg.norm(v, axis=1, keepdims=True)
+  sim = t @ v.T
+  same = np.eye(n, dtype=bool)
+  same[3, 5] = same[5, 3] = True
+  sim[same] = -np.inf
+  img_for_text, text_for_img = jax.jit(lambda t_, i_, s_: ei.hard_by_embedding(model, params, t_, i_, s_, 1))(
+      text, image, jnp.asarray(same))
+  np.testing.assert_array_equal(np.asarray(img_for_text)[:, 0], sim.argmax(1))
+  np.testing.assert_array_equal(np.asarray(text_for_img)[:, 0], sim.argmax(0))
+
+  rng = jax.random.PRNGKey(7)
+  got_img, got_txt = jax.jit(
+      lambda t_, i_, s_, r_: ei.hard_by_match_score(model, params, t_, i_, s_, 1, 4, r_))(
+          text, image, jnp.asarray(same), rng)
+  r_img, _ = jax.random.split(rng)
+  cand = np.asarray(ei.random_others(r_img, n, 4))
+  # Reference: score every (caption i, candidate image) pair, one pair per row, and take the best.
+  p = pack_pairs(rows(text, np.repeat(np.arange(n), 4)), rows(image, cand.reshape(-1)))
+  scores = np.array(jax.jit(lambda p_: ei.match_score_logit(model, params, p_))(p)).reshape(n, 4)
+  scores[same[np.arange(n)[:, None], cand]] = -np.inf
+  np.testing.assert_array_equal(np.asarray(got_img)[:, 0], cand[np.arange(n), scores.argmax(1)])
+  assert not same[np.arange(n), np.asarray(got_txt)[:, 0]].any()
+
+
+def test_mask_tokens_follows_bert_rule():
+  n, length = 3000, 16
+  rs = np.random.RandomState(0)
+  ids = rs.randint(1000, 5000, size=(n, length)).astype(np.int32)
+  real = rs.randint(3, length + 1, size=n)
+  attn = (np.arange(length)[None] < real[:, None]).astype(np.int32)
+  ids[:, 0] = 101
+  ids[np.arange(n), real - 1] = 102
+  ids[attn == 0] = 0
+  opts = dict(ei.DEFAULTS, max_predictions=3)
+  pairs = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(np.concatenate([attn, np.ones((n, 2), np.int32)], 1))}
+  fn = jax.jit(lambda p_, r_: ei.mask_tokens(r_, p_, opts, 30522))
+  masked, pos, labels, w = (np.asarray(x) for x in fn(pairs, jax.random.PRNGKey(0)))
+  n_cand = real - 2
+  expected = np.minimum(3, np.maximum(1, np.round(n_cand * 0.15))) * (n_cand > 0)
+  np.testing.assert_array_equal(w.sum(1), expected)
+  sel = w > 0
+  rows_ = np.broadcast_to(np.arange(n)[:, None], pos.shape)
+  assert np.all(attn[rows_[sel], pos[sel]] == 1)
+  assert not np.isin(ids[rows_[sel], pos[sel]], [0, 101, 102]).any()  # specials and pads never masked
+  np.testing.assert_array_equal(labels, np.take_along_axis(ids, pos, 1))
+  assert len(set(map(tuple, np.sort(pos, 1)))) > 1
+  for r in range(50):  # selected positions are distinct
+    assert len(set(pos[r][sel[r]])) == sel[r].sum()
+  changed = np.zeros_like(ids, bool)
+  changed[rows_[sel], pos[sel]] = True
+  np.testing.assert_array_equal(masked[~changed], ids[~changed])  # nothing else touched
+  new = masked[rows_[sel], pos[sel]]
+  old = ids[rows_[sel], pos[sel]]
+  frac_mask = np.mean(new == 103)
+  frac_same = np.mean(new == old)
+  frac_rand = 1 - frac_mask - frac_same
+  assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.015 and abs(frac_rand - 0.1) < 0.015
+
+
+def test_mlm_loss_matches_full_sequence_reference(model_and_params):
+  model, params = model_and_params
+  batch = make_batch(5, seed=2)
+  cfg = train_config()
+  cfg.loss.mlm_weight = 1.0
+  loss, m = jax.jit(lambda b, r: ei.early_interaction_loss(model, params, b, r, cfg))(batch, jax.random.PRNGKey(1))
+  # Reference: recompute the masked positives, run the MLM head on every position, gather, average.
+  opts = ei.options(cfg)
+  r_neg, _, r_mask, _ = jax.random.split(jax.random.PRNGKey(1), 4)
+
+  @jax.jit
+  def reference_pieces(b):
+    pairs, _ = ei.build_match_pairs(model, params, b, r_neg, opts)
+    pos = {k: v[:5] for k, v in pairs.items()}
+    masked, positions, labels, w = ei.mask_tokens(r_mask, pos, opts, V)
+    h, _ = model.apply({"params": params}, masked, pos["token_type_ids"], pos["attention_mask"],
+                       pos["img_feats"], method=VLDeformer.encode)
+    return model.apply({"params": params}, h, method=VLDeformer.mlm_logits), positions, labels, w
+
+  logits, positions, labels, w = reference_pieces(batch)
+  logits = np.asarray(logits, np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  gathered = np.take_along_axis(logp, np.asarray(positions)[..., None], 1)  # [B, P, V]
+  nll = -np.take_along_axis(gathered, np.asarray(labels)[..., None], 2)[..., 0]
+  ref = (nll * np.asarray(w)).sum() / np.asarray(w).sum()
+  np.testing.assert_allclose(float(m["mlm_loss"]), ref, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + ref, rtol=1e-5)
+
+
+def test_sharded_batch_gives_the_same_loss(model_and_params):
+  model, params = model_and_params
+  batch = make_batch(8, seed=4, k_neg=1)
+  cfg = train_config(negatives="hard_embed")
+  fn = jax.jit(lambda p, b, r: ei.early_interaction_loss(model, p, b, r, cfg))
+  ref, _ = fn(params, batch, jax.random.PRNGKey(0))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharded = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  got, _ = fn(params, sharded, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+
+
+def test_training_lowers_itm_and_mlm_losses():
+  cfg_m = tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  model = VLDeformer(cfg_m)
+  params = jax.jit(lambda r: init_params(cfg_m, r))(jax.random.PRNGKey(1))
+  batch = make_batch(16, seed=5, k_neg=1)
+  cfg = train_config(negatives="random")
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(p, o, r):
+    (loss, m), g = jax.value_and_grad(lambda p_: ei.early_interaction_loss(model, p_, batch, r, cfg),
+                                      has_aux=True)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, m
+
+  first, last = [], []
+  for s in range(60):
+    params, opt, m = step(params, opt, jax.random.PRNGKey(100 + s))
+    (first if s < 5 else last if s >= 55 else []).append((float(m["itm_loss"]), float(m["mlm_loss"])))
+  f, l = np.mean(first, 0), np.mean(last, 0)
+  assert np.all(np.isfinite(l))
+  assert l[0] < 0.6 * f[0], (f, l)  # matching: learned to tell the pairs of this batch apart
+  assert l[1] < 0.8 * f[1], (f, l)  # MLM: learned the batch's tokens
+
+
+def test_unknown_option_is_named():
+  with pytest.raises(ValueError, match="hardest"):
+    ei.options(train_config(hardest=1))
+  with pytest.raises(ValueError, match="negatives"):
+    ei.options(train_config(negatives="nope"))

@@ -1,0 +1,206 @@
+"""Search and the persistent index: exact top-k equals brute force (chunked, blocked, 8 devices), compact
+codes score what they claim, and an index round trip answers like fresh embeddings; bad indexes are refused."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vldeformer_jax import export, inputs
+from vldeformer_jax.encoder import Encoder
+from vldeformer_jax.model import init_params
+from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.retrieval import index, search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_text_len=16,
+            max_regions=6)
+
+
+def brute_topk(q, g, k):
+  """Stable descending argsort of the full score matrix (ties by ascending index)."""
+  s = np.asarray(q, np.float64) @ np.asarray(g, np.float64).T
+  idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(s, idx, axis=1), idx
+
+
+def mesh8():
+  return jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+
+
+@pytest.mark.parametrize("chunk,block,use_mesh", [(4096, 1 << 18, False), (7, 20, False), (5, 80, True)])
+def test_exact_topk_equals_brute_force(chunk, block, use_mesh):
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(203, 24)).astype(np.float32)  # not a multiple of any chunk: padding is masked
+  q = rng.normal(size=(11, 24)).astype(np.float32)
+  top = search.exact_topk(q, g, 10, chunk_size=chunk, block_rows=block, query_batch=4,
+                          mesh=mesh8() if use_mesh else None)
+  ref_s, ref_i = brute_topk(q, g, 10)
+  np.testing.assert_array_equal(top.indices, ref_i)
+  np.testing.assert_allclose(top.scores, ref_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_ties_are_broken_by_index_across_chunks_and_devices(use_mesh):
+  # Integer-valued rows: many exactly equal scores, spread over chunks and devices.
+  rng = np.random.default_rng(1)
+  g = rng.integers(-1, 2, size=(96, 4)).astype(np.float32)
+  q = rng.integers(-1, 2, size=(6, 4)).astype(np.float32)
+  top = search.exact_topk(q, g, 17, chunk_size=3, mesh=mesh8() if use_mesh else None)
+  ref_s, ref_i = brute_topk(q, g, 17)
+  np.testing.assert_array_equal(top.indices, ref_i)
+  np.testing.assert_array_equal(top.scores, ref_s)
+
+
+def test_k_larger_than_gallery_pads_with_minus_one():
+  g = np.eye(3, dtype=np.float32)
+  top = search.exact_topk(np.array([[0.0, 1.0, 0.5]], np.float32), g, 5, chunk_size=2)
+  np.testing.assert_array_equal(top.indices, [[1, 2, 0, -1, -1]])
+  assert np.isneginf(top.scores[0, 3:]).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "binary"])
+def test_compact_codes_score_as_documented(kind):
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(150, 20)).astype(np.float32)
+  q = rng.normal(size=(5, 20)).astype(np.float32)
+  if kind == "int8":
+    codes, scales = search.quantize_int8(g)
+    assert np.abs(codes.astype(np.float32) * scales[:, None] / 127 - g).max() <= scales.max() / 127 / 2 + 1e-6
+    decoded, qq = codes.astype(np.float64) * scales[:, None] / 127.0, q
+  else:
+    codes, scales = search.pack_signs(g), None
+    assert codes.shape == (150, 3) and codes.dtype == np.uint8
+    decoded, qq = np.where(g >= 0, 1.0, -1.0), np.where(q >= 0, 1.0, -1.0)
+  top = search.search_codes(q, codes, 8, kind=kind, scales=scales, dim=20, chunk_size=16, mesh=mesh8())
+  ref_s, ref_i = brute_topk(qq, decoded, 8)
+  np.testing.assert_allclose(top.scores, ref_s, rtol=1e-5, atol=1e-4)
+  if kind == "binary":  # integer scores: exact, ties by index
+    np.testing.assert_array_equal(top.indices, ref_i)
+  # Re-scoring a shortlist that is the whole gallery gives the exact float answer.
+  full = search.search_codes(q, codes, 150, kind=kind, scales=scales, dim=20)
+  exact = search.rescore(q, g, full.indices, 10)
+  np.testing.assert_array_equal(exact.indices, brute_topk(q, g, 10)[1])
+
+
+def test_compact_recall_cost_is_measured():
+  # Clustered unit vectors (like embeddings): recall@10 of the compact scan alone and after re-scoring.
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(20, 64))
+  g = centres[rng.integers(0, 20, 2000)] + 0.7 * rng.normal(size=(2000, 64))
+  g = (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+  q = g[rng.integers(0, 2000, 50)] + 0.1 * rng.normal(size=(50, 64)).astype(np.float32)
+  exact = search.exact_topk(q, g, 10).indices
+  report = search.compact_recall(q, g, 10, rescore_factor=10)
+  assert report["int8"]["recall@10_rescored"] >= report["int8"]["recall@10_codes_only"] - 1e-9
+  assert report["binary"]["recall@10_rescored"] >= report["binary"]["recall@10_codes_only"] - 1e-9
+  assert report["int8"]["recall@10_rescored"] > 0.95  # int8 keeps the ranking almost intact
+  # Consistency with a direct computation.
+  codes, scales = search.quantize_int8(g)
+  short = search.search_codes(q, codes, 100, kind="int8", scales=scales).indices
+  assert report["int8"]["recall@10_rescored"] == search.recall_vs_exact(search.rescore(q, g, short, 10).indices,
+                                                                        exact)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Index round trip with a tiny exported model.
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  from vldeformer_jax.data import demo
+  d = tmp_path_factory.mktemp("index")
+  cfg = ModelConfig(**TINY)
+  export.write_export(str(d / "export"), init_params(cfg, jax.random.PRNGKey(0)), cfg, inputs.BUNDLED_VOCAB)
+  export.write_export(str(d / "other"), init_params(cfg, jax.random.PRNGKey(1)), cfg, inputs.BUNDLED_VOCAB)
+  name = demo.prepare_demo(str(d / "data"), seed=0, num_train=4, num_test=20)
+  return d, name
+
+
+def test_index_round_trip_matches_fresh_embeddings(tiny):
+  from vldeformer_jax.data import prepare
+  d, name = tiny
+  enc = Encoder.load(str(d / "export"), batch_size=8)
+  src = prepare.load_split(str(d / "data"), name, "test")
+  recs = [src[i] for i in range(len(src))]
+  meta = index.build_index(enc, src, str(d / "img_idx"), side="images", compact="int8")
+  index.build_index(enc, src, str(d / "cap_idx"), side="captions")
+  assert meta["num"] == 20 and meta["fingerprint"] == enc.fingerprint
+  # Fresh embeddings, computed independently of the index code.
+  img = enc.embed_images([np.asarray(r["features"]) for r in recs], [r["tags"] for r in recs], batch_size=5)
+  caps = [c.decode() for r in recs for c in r["captions"]]
+  txt = enc.embed_texts(caps, batch_size=7)
+  idx_img, idx_cap = index.Index.load(str(d / "img_idx")), index.Index.load(str(d / "cap_idx"))
+  np.testing.assert_allclose(idx_img.embeddings, img, atol=1e-5)
+  # text -> images (exact scan and compact scan + float re-scoring), image -> captions
+  q = "a small red car to the left of a dog"
+  qe = enc.embed_texts([q])
+  for exact in (True, None):
+    rows = index.query_index(idx_img, enc, text=q, k=7, exact=exact)
+    ref_s, ref_i = brute_topk(qe, img, 7)
+    assert [r["image_id"] for r in rows] == [int(recs[i]["image_id"]) for i in ref_i[0]]
+    np.testing.assert_allclose([r["score"] for r in rows], ref_s[0], atol=1e-5)
+  rows = index.query_index(idx_cap, enc, image_record=recs[3], k=10)
+  ref_s, ref_i = brute_topk(img[3:4], txt, 10)
+  assert [r["text"] for r in rows] == [caps[i] for i in ref_i[0]]
+  # 8-device sharded search over the stored index gives the same answer.
+  top = idx_cap.search(img[3:4], 10, mesh=mesh8())
+  np.testing.assert_array_equal(top.indices[0], ref_i[0])
+
+
+def test_foreign_stale_and_corrupt_indexes_are_refused(tiny, tmp_path):
+  d, _ = tiny
+  enc = Encoder.load(str(d / "export"))
+  other = Encoder.load(str(d / "other"))
+  emb = enc.embed_texts(["a dog", "a cat", "a red car"])
+  path = str(tmp_path / "idx")
+  index.write_index(path, emb, [1, 2, 3], ["a dog", "a cat", "a red car"], fingerprint=enc.fingerprint,
+                    side="captions")
+  with pytest.raises(FileExistsError, match="already exists"):
+    index.write_index(path, emb, [1, 2, 3], ["x"] * 3, fingerprint=enc.fingerprint, side="captions")
+  ix = index.Index.load(path)
+  with pytest.raises(index.BadIndexError, match="built by the export with fingerprint .* another space"):
+    index.query_index(ix, other, text="a dog", export="export OTHER")
+  # corrupt: one byte of the embeddings changed
+  raw = bytearray(open(os.path.join(path, "embeddings.npy"), "rb").read())
+  raw[-1] ^= 0xFF
+  open(os.path.join(path, "embeddings.npy"), "wb").write(bytes(raw))
+  with pytest.raises(index.BadIndexError, match="embeddings.npy does not match its sha256"):
+    index.Index.load(path)
+  # stale format version
+  meta = json.load(open(os.path.join(path, index.META)))
+  meta["version"] = 0
+  json.dump(meta, open(os.path.join(path, index.META), "w"))
+  with pytest.raises(index.BadIndexError, match="version 0 is stale"):
+    index.Index.load(path)
+  os.remove(os.path.join(path, index.META))
+  with pytest.raises(index.BadIndexError, match="missing meta.json"):
+    index.Index.load(path)
+  with pytest.raises(index.BadIndexError, match="index not found"):
+    index.Index.load(str(tmp_path / "nope"))
+
+
+def test_cli_build_query_and_refusal(tiny):
+  d, name = tiny
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT)
+  common = [f"--export={d / 'export'}", f"--index={d / 'cli_idx'}"]
+  build = subprocess.run([sys.executable, "launch/index.py", "build", *common, f"--data_dir={d / 'data'}",
+                          f"--dataset={name}", "--split=test", "--side=captions", "--compact=binary"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert build.returncode == 0, build.stderr[-2000:]
+  assert "wrote index" in build.stdout and "100 captions" in build.stdout
+  from vldeformer_jax.data import prepare
+  image_id = int(prepare.load_split(str(d / "data"), name, "test")[3]["image_id"])
+  query = subprocess.run([sys.executable, "launch/index.py", "query", *common, f"--image_id={image_id}", "--k=3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert query.returncode == 0, query.stderr[-2000:]
+  lines = query.stdout.strip().splitlines()
+  assert len(lines) == 3 and lines[0].lstrip().startswith("1")
+  foreign = subprocess.run([sys.executable, "launch/index.py", "query", f"--export={d / 'other'}",
+                            f"--index={d / 'cli_idx'}", "--text=a dog"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert foreign.returncode == 1
+  assert "error: index" in foreign.stderr and "another space" in foreign.stderr

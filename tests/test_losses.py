@@ -1,0 +1,318 @@
+"""The losses against plain full-batch references: sharded over 1, 2 and 8 devices, over 2 processes,
+chunked, and on hand-computed examples.
+
+The references below are written from the spec (4.1, 4.3, VSE++) with explicit [G x pool] similarity
+matrices and direct exponentials: float64 numpy for values and metrics, the same code on jnp float32
+with jax.grad for gradients.
+"""
+import functools
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vldeformer_jax import losses, parallel
+
+import multiprocess_loss_worker as worker
+
+MESHES = {1: (1, 1, 1), 2: (2, 1, 1), 8: (2, 2, 2)}
+NAMES = ("infonce", "hardness", "hinge")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reference.
+
+
+def reference_loss(xp, t, v, nt, nv, temp_t2i, temp_i2t, name, beta=0.0, tau_plus=0.0, margin=0.2):
+  """Full-batch loss with every similarity written out; xp is numpy (float64) or jax.numpy."""
+  def norm(x):
+    return x / xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+
+  t, v, nt, nv = norm(t), norm(v), norm(nt), norm(nv)
+  g, dim = t.shape
+  sim_t2i = t @ xp.concatenate([v, nv.reshape(-1, dim)]).T  # text i vs images, then negative images
+  sim_i2t = v @ xp.concatenate([t, nt.reshape(-1, dim)]).T  # image i vs captions, then negative captions
+
+  def direction(sim, temp):
+    is_neg = ~np.eye(g, sim.shape[1], dtype=bool)
+    pos = xp.diagonal(sim)
+    neg = sim[is_neg].reshape(g, -1)
+    if name == "infonce":
+      return xp.mean(xp.log(xp.sum(xp.exp(sim / temp), axis=1)) - pos / temp)
+    if name == "hardness":
+      e_pos, e_neg = xp.exp(pos / temp), xp.exp(neg / temp)
+      m = e_neg.shape[1]
+      imp = e_neg ** beta
+      reweighted = xp.sum(imp * e_neg, axis=1) / xp.mean(imp, axis=1)
+      ng = (reweighted - tau_plus * m * e_pos) / (1 - tau_plus)
+      ng = xp.maximum(ng, m * xp.exp(-1 / temp))
+      return xp.mean(-xp.log(e_pos / (e_pos + ng)))
+    return xp.mean(xp.max(xp.maximum(margin - pos[:, None] + neg, 0.0), axis=1))
+
+  return direction(sim_t2i, temp_t2i) + direction(sim_i2t, temp_i2t)
+
+
+def reference_metrics(t, v, nt, nv):
+  def norm(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  t, v, nt, nv = norm(t), norm(v), norm(nt), norm(nv)
+  g, dim = t.shape
+  sim_t2i = t @ np.concatenate([v, nv.reshape(-1, dim)]).T
+  sim_i2t = v @ np.concatenate([t, nt.reshape(-1, dim)]).T
+  in_batch = t @ v.T
+  off = ~np.eye(g, dtype=bool)
+  return {
+      "t2i_accuracy": np.mean(np.argmax(sim_t2i, axis=1) == np.arange(g)),
+      "i2t_accuracy": np.mean(np.argmax(sim_i2t, axis=1) == np.arange(g)),
+      "pos_sim": np.mean(np.diagonal(in_batch)),
+      "neg_sim": np.mean(in_batch[off]),
+      "hard_neg_sim": 0.5 * (np.mean(np.einsum("bd,bkd->bk", t, nv)) + np.mean(np.einsum("bd,bkd->bk", v, nt))),
+  }
+
+
+@functools.lru_cache(maxsize=None)
+def problem():
+  return worker.make_problem()
+
+
+def embeddings(p, dtype=np.float64):
+  w = p["w"].astype(dtype)
+  return [p[k].astype(dtype) @ w for k in worker.EMB_KEYS]
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name):
+  """(float64 loss, float64 metrics, float32 grads w.r.t. (w, {embedding offsets}, temps))."""
+  p = problem()
+  opts = {k: v for k, v in worker.loss_kwargs(name).items() if k != "name"}
+  loss64 = reference_loss(np, *embeddings(p), *worker.TEMPS, name, **opts)
+  metrics64 = reference_metrics(*embeddings(p))
+
+  def objective(w, offsets, temps):
+    embs = [jnp.asarray(p[k]) @ w + offsets[k] for k in worker.EMB_KEYS]
+    return reference_loss(jnp, *embs, *temps, name, **opts)
+
+  offsets = {k: jnp.zeros(p[k].shape[:-1] + (worker.EMB_DIM,)) for k in worker.EMB_KEYS}
+  grads = jax.grad(objective, argnums=(0, 1, 2))(jnp.asarray(p["w"]), offsets,
+                                                tuple(jnp.float32(t) for t in worker.TEMPS))
+  grads = (np.asarray(grads[0]), {k: np.asarray(g) for k, g in grads[1].items()},
+           np.array([float(x) for x in grads[2]]))
+  return loss64, metrics64, grads
+
+
+@functools.lru_cache(maxsize=None)
+def sharded(name, devices, chunk_size=0):
+  """Loss, metrics and grads of the sharded loss on a mesh of `devices` local devices (as numpy)."""
+  mesh = parallel.make_mesh(*MESHES[devices], devices=jax.devices()[:devices])
+  p = problem()
+  feats = parallel.global_batch({k: p[k] for k in worker.EMB_KEYS}, mesh)
+  w = jax.device_put(p["w"], parallel.replicated(mesh))
+  (loss, metrics), (g_w, g_off, g_temps) = worker.sharded_loss_and_grads(
+      mesh, feats, w, {**worker.loss_kwargs(name), "chunk_size": chunk_size})
+  return (float(loss), {k: float(v) for k, v in metrics.items()},
+          (np.asarray(g_w), {k: np.asarray(g) for k, g in g_off.items()},
+           np.array([float(x) for x in g_temps])))
+
+
+def assert_grads_close(got, want, rtol=1e-5):
+  """Every entry within rtol of the reference's largest magnitude (per tensor) and rtol relative."""
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for a, b in zip(got_leaves, want_leaves):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sharded == full-batch reference.
+
+
+@pytest.mark.parametrize("devices", sorted(MESHES))
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_loss_and_grads_equal_full_batch_reference(name, devices):
+  loss64, metrics64, ref_grads = reference(name)
+  loss, metrics, grads = sharded(name, devices)
+  np.testing.assert_allclose(loss, loss64, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], loss64, rtol=1e-5)
+  assert_grads_close(grads, ref_grads)
+  # Gradients w.r.t. the encoder weight are not trivially zero and every embedding gets some.
+  assert np.abs(grads[0]).max() > 1e-3
+  for k in worker.EMB_KEYS:
+    assert np.abs(grads[1][k]).max() > 1e-4, k
+  for k in ("t2i_accuracy", "i2t_accuracy"):
+    assert metrics[k] == pytest.approx(metrics64[k], abs=1e-7), k
+  for k in ("pos_sim", "neg_sim", "hard_neg_sim"):
+    assert metrics[k] == pytest.approx(metrics64[k], abs=1e-5), k
+
+
+def test_reference_data_exercises_accuracy_and_hardness_clamp():
+  """The shared problem is not degenerate: some queries are right, some wrong, and spec 4.3's lower clamp
+  is active on some rows but not all (checked with the reference's own float64 quantities)."""
+  _, metrics64, _ = reference("infonce")
+  assert 0.2 < metrics64["t2i_accuracy"] < 1.0 and 0.2 < metrics64["i2t_accuracy"] < 1.0
+  t, v, _, nv = embeddings(problem())
+  t, v = t / np.linalg.norm(t, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+  nv = nv / np.linalg.norm(nv, axis=-1, keepdims=True)
+  temp, beta, tau = worker.TEMPS[0], 0.5, 0.1
+  sim = t @ np.concatenate([v, nv.reshape(-1, t.shape[1])]).T
+  neg = np.exp(sim[~np.eye(*sim.shape, dtype=bool)].reshape(len(t), -1) / temp)
+  m = neg.shape[1]
+  raw = ((neg ** (1 + beta)).sum(1) / (neg ** beta).mean(1) - tau * m * np.exp(np.diagonal(sim) / temp))
+  clamped = raw / (1 - tau) < m * np.exp(-1 / temp)
+  assert clamped.any() and not clamped.all()
+
+
+def test_chunked_equals_unchunked_sharded():
+  for name in NAMES:
+    loss, metrics, grads = sharded(name, 8)
+    # 4 local rows per device in chunks of 3: one scanned chunk plus a tail of one row.
+    c_loss, c_metrics, c_grads = sharded(name, 8, chunk_size=3)
+    np.testing.assert_allclose(c_loss, loss, rtol=1e-6)
+    assert c_metrics == pytest.approx(metrics, rel=1e-6, abs=1e-7)
+    assert_grads_close(c_grads, grads, rtol=1e-6)
+
+
+def _intermediate_shapes(jaxpr) -> set:
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      shapes |= _intermediate_shapes(sub)
+  return shapes
+
+
+def test_chunked_single_device_matches_and_never_builds_full_logits():
+  t, v, nt, nv = [jnp.asarray(x, jnp.float32) for x in embeddings(problem())]
+  g, k = worker.GLOBAL_ROWS, worker.NUM_NEG
+  for name in NAMES:
+    opts = worker.loss_kwargs(name)
+
+    def fn(chunk, t, v, nt, nv):
+      return losses.contrastive_loss(t, v, nt, nv, temperature_t2i=0.05, temperature_i2t=0.07,
+                                     chunk_size=chunk, **opts)[0]
+
+    full = jax.value_and_grad(functools.partial(fn, 0), argnums=(0, 1, 2, 3))
+    chunked = jax.value_and_grad(functools.partial(fn, 5), argnums=(0, 1, 2, 3))  # 3 chunks + a tail
+    (l0, g0), (l1, g1) = jax.jit(full)(t, v, nt, nv), jax.jit(chunked)(t, v, nt, nv)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert_grads_close(g1, g0, rtol=1e-6)
+    pool = g * (1 + k)
+    assert (g, pool) in _intermediate_shapes(jax.make_jaxpr(full)(t, v, nt, nv).jaxpr)
+    chunked_shapes = _intermediate_shapes(jax.make_jaxpr(chunked)(t, v, nt, nv).jaxpr)
+    assert not any(len(s) == 2 and s[0] > 5 and s[1] == pool for s in chunked_shapes), name
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2 processes x 4 devices == 1 process x 8 devices.
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  names = ("infonce", "hardness")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, worker.__file__, "--port", str(port), "--process_id", str(i), "--num_processes", "2",
+       "--losses", ",".join(names), "--out", str(tmp_path)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+
+  for name in names:
+    loss, metrics, (g_w, g_off, g_temps) = sharded(name, 8)
+    outs = [dict(np.load(tmp_path / f"{name}_process_{i}.npz")) for i in range(2)]
+    assert [o["process_rows"].tolist() for o in outs] == [list(range(8)), list(range(8, 16))]
+    for o in outs:
+      np.testing.assert_allclose(o["loss"], loss, rtol=1e-6)
+      np.testing.assert_allclose(o["grad_w"], g_w, rtol=1e-6, atol=1e-6 * np.abs(g_w).max())
+      np.testing.assert_allclose(o["grad_temps"], g_temps, rtol=1e-6)
+      for k, v in metrics.items():
+        np.testing.assert_allclose(o[f"metric_{k}"], v, rtol=1e-6, atol=1e-7)
+    for k in worker.EMB_KEYS:
+      # Each process sees the gradient rows of its own devices: its half of the batch.
+      for i, o in enumerate(outs):
+        assert o[f"grad_{k}_rows"].tolist() == list(range(8 * i, 8 * i + 8))
+      merged = np.concatenate([o[f"grad_{k}"] for o in outs])
+      np.testing.assert_allclose(merged, g_off[k], rtol=1e-6, atol=1e-6 * np.abs(g_off[k]).max())
+    # And against the independent reference, like the single-process runs.
+    np.testing.assert_allclose(outs[0]["loss"], reference(name)[0], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Known answers and the stage-1 losses.
+
+
+def test_hand_computed_examples():
+  t = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  # Orthonormal pairs, T = 1: each direction is log(1 + e^-1) per query.
+  loss, m = losses.contrastive_loss(t, 3.0 * t, temperature_t2i=1.0, temperature_i2t=1.0)
+  np.testing.assert_allclose(loss, 2 * np.log1p(np.exp(-1.0)), rtol=1e-6)
+  assert float(m["t2i_accuracy"]) == 1.0 and float(m["pos_sim"]) == 1.0 and float(m["neg_sim"]) == 0.0
+  # Hinge: images [[1,0],[1,0]]. t2i rows: 0.2 and 0.2; i2t rows: relu(0.2 - 1 + 0) = 0 and 0.2 + 1.
+  v = jnp.array([[1.0, 0.0], [2.0, 0.0]])
+  loss, m = losses.contrastive_loss(t, v, name="hinge", margin=0.2, temperature_t2i=1.0, temperature_i2t=1.0)
+  np.testing.assert_allclose(loss, 0.2 + 0.6, rtol=1e-6)
+  assert float(m["t2i_accuracy"]) == 0.5 and float(m["i2t_accuracy"]) == 0.5
+  # Hardness with beta = tau_plus = 0 is InfoNCE (the clamp cannot bind at tau_plus = 0).
+  t, v, nt, nv = [jnp.asarray(x, jnp.float32) for x in embeddings(problem())]
+  a = losses.contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005)[0]
+  b = losses.contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005, name="hardness")[0]
+  np.testing.assert_allclose(b, a, rtol=1e-6)
+  # At the paper's T = 0.005 the hardness loss stays finite (log space; exp(1/T) overflows float32).
+  h = losses.contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005, name="hardness",
+                              beta=1.0, tau_plus=0.1)[0]
+  assert np.isfinite(float(h)) and float(h) > 0
+
+
+def test_loss_argument_errors():
+  x = jnp.ones((4, 8))
+  with pytest.raises(ValueError, match="unknown loss name 'nce'"):
+    losses.contrastive_loss(x, x, name="nce")
+  with pytest.raises(ValueError, match=r"neg_image_emb has shape \(4, 8\)"):
+    losses.contrastive_loss(x, x, None, x)
+  with pytest.raises(ValueError, match="tau_plus"):
+    losses.contrastive_loss(x, x, name="hardness", tau_plus=1.0)
+  mesh = parallel.make_mesh(8, 1, 1)
+  with pytest.raises(ValueError, match="text embeddings have 4 rows"):
+    losses.sharded_contrastive_loss(mesh)(x, x)
+
+
+def test_match_and_mlm_losses_known_answers():
+  logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0]], np.float32)
+  labels = np.array([0, 1, 1])
+  ce = np.log(np.exp(logits).sum(1)) - logits[np.arange(3), labels]
+  loss, m = losses.match_loss(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["match_accuracy"], 2 / 3, rtol=1e-6)
+
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  labels = np.array([[1, 4, -100], [0, -100, 2]])
+  weights = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], np.float32)
+  keep = weights > 0
+  lse = np.log(np.exp(logits).sum(-1))
+  ce = lse[keep] - logits[keep, labels[keep]]
+  acc = np.mean(np.argmax(logits, -1)[keep] == labels[keep])
+  loss, m = losses.mlm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))
+  np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["mlm_accuracy"], acc, rtol=1e-6)
+  zero, _ = losses.mlm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.zeros_like(jnp.asarray(weights)))
+  assert float(zero) == 0.0

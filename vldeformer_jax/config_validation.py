@@ -1,0 +1,176 @@
+"""Checks a training config before anything is compiled, with one line per problem naming the field.
+
+Why up front: a mistyped loss name or a batch that does not split over the devices would otherwise
+surface minutes later as a stack trace from inside XLA or orbax, after the data was opened and the model
+compiled. `check` collects every problem at once, so a user fixes them in one go; `launch/train.py`
+prints the lines and exits non-zero.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+OBJECTIVES = ("decompose", "early_interaction")
+LOSS_NAMES = ("infonce", "hardness", "hinge")
+GENERATORS = ("", "demo")
+BEST_METRICS = ("rsum", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10")
+
+
+class ConfigError(ValueError):
+  """An invalid training config; `errors` holds one message per problem."""
+
+  def __init__(self, errors: list[str]):
+    self.errors = list(errors)
+    super().__init__("invalid training config:\n" + "\n".join(f"  {e}" for e in self.errors))
+
+
+def _mesh_errors(config, device_count: int) -> tuple[list[str], int | None]:
+  """Errors of config.mesh, and the number of batch shards (data * fsdp) when the mesh is valid."""
+  sizes = {k: int(config.mesh[k]) for k in ("data", "fsdp", "model")}
+  bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+  if bad:
+    return [f"config.mesh.{k}: {sizes[k]} is not a valid axis size (positive, or -1 for the remaining devices)"
+            for k in bad], None
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    return [f"config.mesh: only one axis may be -1, got {', '.join(free)}"], None
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if device_count % known:
+      return [f"config.mesh: the fixed axes {sizes} multiply to {known}, which does not divide the "
+              f"{device_count} devices"], None
+    sizes[free[0]] = device_count // known
+  elif known != device_count:
+    return [f"config.mesh: sizes {sizes} multiply to {known}, but there are {device_count} devices"], None
+  return [], sizes["data"] * sizes["fsdp"]
+
+
+def _dataset_errors(config) -> list[str]:
+  d = config.data
+  if d.generate not in GENERATORS:
+    return [f"config.data.generate: unknown generator {d.generate!r}; expected one of {GENERATORS}"]
+  if not d.name:
+    return ["config.data.name: no dataset name given (the --name of launch/prepare_data.py)"]
+  if d.generate:
+    return []  # written on first use
+  if not d.data_dir:
+    return ["config.data.data_dir: no data directory given (the --data_dir of launch/prepare_data.py)"]
+  root = os.path.join(d.data_dir, d.name)
+  found = os.path.isdir(root) and any(
+      os.path.isfile(os.path.join(root, v, "dataset_info.json")) for v in os.listdir(root))
+  if not found:
+    return [f"config.data: dataset {d.name!r} not found in {os.path.abspath(d.data_dir)} (no {root}/<version>/"
+            f"dataset_info.json); prepare it with launch/prepare_data.py"]
+  return []
+
+
+def validate(config, *, workdir: str | None = None, device_count: int | None = None,
+             process_count: int | None = None) -> list[str]:
+  """Every problem of `config` as one line each; empty when the config is valid. Compiles nothing."""
+  from vldeformer_jax.model_config import ModelConfig
+  device_count = jax.device_count() if device_count is None else device_count
+  process_count = jax.process_count() if process_count is None else process_count
+  errors: list[str] = []
+  t, lc, d = config.train, config.loss, config.data
+
+  if config.objective not in OBJECTIVES:
+    errors.append(f"config.objective: unknown objective {config.objective!r}; expected one of {OBJECTIVES}")
+  if lc.name not in LOSS_NAMES:
+    errors.append(f"config.loss.name: unknown loss {lc.name!r}; expected one of {LOSS_NAMES}")
+  if not lc.temperature > 0:
+    errors.append(f"config.loss.temperature: must be positive, got {lc.temperature}")
+  if lc.name == "hardness" and not 0.0 <= lc.tau_plus < 1.0:
+    errors.append(f"config.loss.tau_plus: must be in [0, 1), got {lc.tau_plus}")
+  if lc.chunk_size < 0:
+    errors.append(f"config.loss.chunk_size: must be >= 0, got {lc.chunk_size}")
+
+  if config.init_export:
+    from vldeformer_jax import export as export_lib
+    try:
+      export_lib.read_metadata(config.init_export)
+    except (FileNotFoundError, ValueError) as e:
+      errors.append(f"config.init_export: {e}")
+
+  errors.extend(_dataset_errors(config))
+  if d.max_text_len < 3:
+    errors.append(f"config.data.max_text_len: {d.max_text_len} leaves no room for [CLS] text [SEP]")
+  if d.max_regions < 1:
+    errors.append(f"config.data.max_regions: must be >= 1, got {d.max_regions}")
+  if d.negatives.num_per_pair < 0:
+    errors.append(f"config.data.negatives.num_per_pair: must be >= 0, got {d.negatives.num_per_pair}")
+  if not 0.0 < d.negatives.replace_ratio <= 1.0:
+    errors.append(f"config.data.negatives.replace_ratio: must be in (0, 1], got {d.negatives.replace_ratio}")
+  if d.num_captions_per_image < 1:
+    errors.append(f"config.data.num_captions_per_image: must be >= 1, got {d.num_captions_per_image}")
+
+  try:
+    ModelConfig.from_dict(dict(config.model), strict=True, source="config.model").replace(
+        max_text_len=int(d.max_text_len), max_regions=int(d.max_regions))
+  except (ValueError, TypeError) as e:
+    errors.append(str(e) if str(e).startswith("config.model") else f"config.model: {e}")
+
+  mesh_errors, batch_shards = _mesh_errors(config, device_count)
+  errors.extend(mesh_errors)
+  g, accum = int(t.global_batch_size), int(t.grad_accum_steps)
+  if g < 1:
+    errors.append(f"config.train.global_batch_size: must be positive, got {g}")
+  elif accum < 1:
+    errors.append(f"config.train.grad_accum_steps: must be >= 1, got {accum}")
+  else:
+    if g % process_count:
+      errors.append(f"config.train.global_batch_size: {g} is not divisible by the {process_count} processes")
+    if batch_shards and g % (batch_shards * accum):
+      what = f"{batch_shards} batch shards (mesh data x fsdp)" + (f" x {accum} micro-batches" if accum > 1 else "")
+      errors.append(f"config.train.global_batch_size: {g} is not divisible by the {what} = {batch_shards * accum}"
+                    f" ({device_count} devices)")
+  if not t.learning_rate > 0:
+    errors.append(f"config.train.learning_rate: must be positive, got {t.learning_rate}")
+  for field in ("warmup_steps", "num_steps", "weight_decay", "max_grad_norm"):
+    if t[field] < 0:
+      errors.append(f"config.train.{field}: must be >= 0, got {t[field]}")
+  if t.num_steps == 0 and not t.num_epochs > 0:
+    errors.append(f"config.train.num_epochs: must be positive when train.num_steps is 0, got {t.num_epochs}")
+  for field in ("log_every", "checkpoint_every", "max_to_keep"):
+    if t[field] < 1:
+      errors.append(f"config.train.{field}: must be >= 1, got {t[field]}")
+  if t.eval_every < -1:
+    errors.append(f"config.train.eval_every: must be -1 (never), 0 (at the end) or a step interval, got {t.eval_every}")
+  if config.eval.best_metric not in BEST_METRICS:
+    errors.append(f"config.eval.best_metric: unknown metric {config.eval.best_metric!r}; expected one of {BEST_METRICS}")
+  if config.eval.batch_size < 1:
+    errors.append(f"config.eval.batch_size: must be >= 1, got {config.eval.batch_size}")
+
+  if config.objective == "early_interaction":
+    from vldeformer_jax import early_interaction
+    try:
+      early_interaction.options(config)
+    except ValueError as e:
+      errors.append(str(e))
+  elif len(config.get("early_interaction", {}) or {}):
+    errors.append("config.early_interaction: set, but config.objective is not 'early_interaction'")
+  if workdir is not None and os.path.isfile(workdir):
+    errors.append(f"workdir: {workdir} is a file, not a directory")
+  return errors
+
+
+def check(config, **kwargs) -> None:
+  """Raises ConfigError listing every problem of `config` (see `validate`)."""
+  errors = validate(config, **kwargs)
+  if errors:
+    raise ConfigError(errors)
+
+
+def check_against_data(config, model_config, data) -> None:
+  """The checks that need the opened dataset and the final model config (still before compiling)."""
+  errors = []
+  if data.feature_dim != model_config.img_feature_dim:
+    errors.append(f"config.model.img_feature_dim: the model takes {model_config.img_feature_dim}-d regions, but "
+                  f"dataset {config.data.name!r} has {data.feature_dim}-d region features")
+  g = config.train.global_batch_size
+  if len(data.train) < g:
+    errors.append(f"config.train.global_batch_size: {g} exceeds the {len(data.train)} images of split "
+                  f"{config.data.train_split!r}")
+  if errors:
+    raise ConfigError(errors)

@@ -1,0 +1,219 @@
+"""VinVL files -> a tensorflow-datasets dataset in array_record format, streamed in bounded memory.
+
+Records (ARCHITECTURE.md): `{"image_id": int64, "features": float32 [n, F], "tags": text, "captions":
+sequence of text}`; splits `train` and `test` (images in `test_img_keys.tsv` order when that file exists,
+else captions-file order) and `test_1k` when `test_img_keys_1k.tsv` exists, in its order.
+
+Why tfds's `SequentialWriter` and not a `GeneratorBasedBuilder`: the builder's writer sends every example
+through tfds's shuffler, which buffers up to 1 GB in memory and then spills the whole split to temporary
+bucket files (a second full copy on disk, 25 GB for COCO) before it writes the shards. `SequentialWriter`
+appends each serialised example to an array_record shard in the order given, which is exactly what we need
+(the key order is kept, memory does not grow with the data). The result is an ordinary prepared tfds
+dataset (`dataset_info.json`, `features.json`, shards) that `tfds.data_source(name, data_dir=...)` and
+`tfds.builder(name, data_dir=...)` read without TensorFlow.
+
+Everything is written to a hidden temporary directory beside the final `<data_dir>/<name>/<version>` and
+renamed at the end: a failure leaves nothing behind, and a dataset that exists is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_info as dataset_info_lib
+from tensorflow_datasets.core import sequential_writer
+from tqdm import tqdm
+
+from vldeformer_jax.data import vinvl
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+METADATA_FILE = "metadata.json"  # tfds.core.MetadataDict's file name
+KEY_FILES = {"test": "test_img_keys.tsv", "test_1k": "test_img_keys_1k.tsv"}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_WRITE_BATCH = 64  # examples per SequentialWriter call (each call rewrites dataset_info.json)
+
+
+def record_features(feature_dim: int) -> tfds.features.FeaturesDict:
+  """The record spec; region features are stored as raw float32 bytes (exact, fast to decode)."""
+  return tfds.features.FeaturesDict({
+      "image_id": tfds.features.Scalar(np.int64),
+      "features": tfds.features.Tensor(shape=(None, feature_dim), dtype=np.float32,
+                                       encoding=tfds.features.Encoding.BYTES),
+      "tags": tfds.features.Text(),
+      "captions": tfds.features.Sequence(tfds.features.Text()),
+  })
+
+
+@dataclasses.dataclass
+class SplitPlan:
+  """One output split: which images, in which order, with which captions."""
+  name: str
+  image_ids: list[int]
+  captions: dict[int, list[str]]
+  captions_file: str
+  order_file: str  # the file that fixed the order (a key file or the captions file)
+
+
+def plan_splits(captions_dir: str, splits: Sequence[str] = ("train", "test")) -> list[SplitPlan]:
+  """Reads the captions and key files of `splits`; `test_1k` is added when its key file exists."""
+  plans = []
+  for split in splits:
+    path = vinvl.captions_path(captions_dir, split)
+    if path is None:
+      raise FileNotFoundError(f"split {split!r}: neither {split}_captions.pt nor {split}_captions.json "
+                              f"in {captions_dir}")
+    captions = vinvl.load_captions(path)
+    log.info("%s: %d images, %d captions", path, len(captions), sum(map(len, captions.values())))
+    derived = {split: None}
+    if split == "test":
+      derived["test_1k"] = None
+    for out_name in derived:
+      key_file = os.path.join(captions_dir, KEY_FILES[out_name]) if out_name in KEY_FILES else None
+      if key_file and os.path.isfile(key_file):
+        ids = vinvl.load_image_keys(key_file)
+        for k, image_id in enumerate(ids):
+          if image_id not in captions:
+            raise vinvl.VinvlFormatError(
+                f"{key_file} key {k + 1}: image {image_id} has no captions in {path}")
+        plans.append(SplitPlan(out_name, ids, captions, path, key_file))
+      elif out_name == split:
+        plans.append(SplitPlan(out_name, list(captions), captions, path, path))
+  return plans
+
+
+def dataset_dir(data_dir: str, name: str, version: str = VERSION) -> str:
+  return os.path.join(data_dir, name, version)
+
+
+def read_metadata(data_dir: str, name: str, version: str = VERSION) -> dict | None:
+  """The metadata a prepared dataset was written with (feature dim, sizes, sources), or None if absent."""
+  path = os.path.join(dataset_dir(data_dir, name, version), METADATA_FILE)
+  if not os.path.isfile(os.path.join(dataset_dir(data_dir, name, version), "dataset_info.json")):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_split(data_dir: str, name: str, split: str):
+  """The random-access source of one split: `len(src)`, `src[i]` -> record dict (text as bytes)."""
+  return tfds.data_source(name, data_dir=data_dir, split=split)
+
+
+def _check_name(name: str) -> None:
+  if not _NAME_RE.match(name):
+    raise ValueError(f"dataset name {name!r} must be snake_case ([a-z][a-z0-9_]*), as tfds requires")
+  try:
+    cls = tfds.builder_cls(name)
+  except Exception:  # DatasetNotFoundError: the name is free
+    return
+  raise ValueError(f"dataset name {name!r} is a registered tfds dataset ({cls.__module__}); "
+                   f"tfds.builder would load that instead: choose another name")
+
+
+def _shard_size(features: vinvl.VinvlFeatures, shard_bytes: int) -> int:
+  """Examples per shard, from the average row size of features.tsv (base64 is 4/3 of the floats)."""
+  rows = max(1, len(features.features))
+  per_image = os.path.getsize(features.features.path) * 3 / 4 / rows
+  return max(1, int(shard_bytes // max(per_image, 1)))
+
+
+def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str, *,
+                  splits: Sequence[str] = ("train", "test"), feature_dim: int | None = None,
+                  overwrite: bool = False, shard_bytes: int = 256 << 20, description: str | None = None,
+                  extra_metadata: dict | None = None) -> str:
+  """Converts the VinVL layout (spec 5.2) into `<data_dir>/<name>/<VERSION>`; returns that path.
+
+  Reads one features row at a time through the `.lineidx` offsets and appends each example to the
+  current shard, so memory does not grow with the number of images. Every image of every split is
+  checked to have features before anything is written. Raises `VinvlFormatError` (file, line, image id)
+  on malformed input, `FileExistsError` when the dataset exists and not `overwrite`.
+  """
+  _check_name(name)
+  final = dataset_dir(data_dir, name)
+  if os.path.exists(final) and not overwrite:
+    raise FileExistsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
+  plans = plan_splits(captions_dir, splits)
+  source = vinvl.VinvlFeatures(features_dir, feature_dim)
+  name_dir = os.path.join(data_dir, name)
+  created_name_dir = not os.path.isdir(name_dir)
+  tmp = os.path.join(name_dir, f".incomplete-{VERSION}-{uuid.uuid4().hex[:8]}")
+  try:
+    for plan in plans:
+      missing = source.missing(plan.image_ids)
+      if missing:
+        raise vinvl.VinvlFormatError(
+            f"{len(missing)} image(s) of split {plan.name!r} have captions in {plan.captions_file} but no "
+            f"features: not in {source.imageid2idx_path}; first: image {missing[0]}"
+            + (f" (also {missing[1:6]})" if len(missing) > 1 else ""))
+    first = next((p.image_ids[0] for p in plans if p.image_ids), None)
+    if first is None:
+      raise ValueError(f"no images in splits {[p.name for p in plans]} of {captions_dir}")
+    feature_dim = source.region_features(first).shape[1]  # fixes F for the whole run (if inferred)
+    os.makedirs(tmp)
+    metadata = {
+        "feature_dim": int(feature_dim),
+        "splits": {p.name: {"num_images": len(p.image_ids),
+                            "num_captions": int(sum(len(p.captions[i]) for i in p.image_ids)),
+                            "captions_file": os.path.abspath(p.captions_file),
+                            "order_file": os.path.abspath(p.order_file)} for p in plans},
+        "features_dir": os.path.abspath(features_dir),
+        "writer": "vldeformer_jax.data.prepare",
+        **(extra_metadata or {}),
+    }
+    info = tfds.core.DatasetInfo(
+        builder=dataset_info_lib.DatasetIdentity(
+            name=name, version=tfds.core.Version(VERSION), data_dir=tmp, module_name=__name__),
+        description=description or f"VinVL region features, detector tags and captions from "
+                                   f"{os.path.abspath(features_dir)} and {os.path.abspath(captions_dir)}.",
+        features=record_features(feature_dim),
+        disable_shuffling=True,  # keep the key-file / captions-file order
+        metadata=tfds.core.MetadataDict(metadata),
+    )
+    per_shard = _shard_size(source, shard_bytes)
+    writer = sequential_writer.SequentialWriter(info, max_examples_per_shard=per_shard,
+                                                file_format="array_record")
+    writer.initialize_splits([p.name for p in plans])
+    for plan in plans:
+      batch = []
+      for image_id in tqdm(plan.image_ids, desc=f"{name}/{plan.name}", unit="img", mininterval=2.0):
+        batch.append({"image_id": image_id, "features": source.region_features(image_id),
+                      "tags": source.tags(image_id), "captions": plan.captions[image_id]})
+        if len(batch) >= _WRITE_BATCH:
+          writer.add_examples({plan.name: batch})
+          batch = []
+      if batch:
+        writer.add_examples({plan.name: batch})
+      writer.close_splits([plan.name])
+      log.info("split %s: %d images written", plan.name, len(plan.image_ids))
+    _replace_dir(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if created_name_dir and os.path.isdir(name_dir) and not os.listdir(name_dir):
+      os.rmdir(name_dir)
+    raise
+  finally:
+    source.close()
+  log.info("wrote %s (feature dim %d; %s)", final, feature_dim,
+           ", ".join(f"{p.name}: {len(p.image_ids)}" for p in plans))
+  return final
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+  """Renames `tmp` to `final`; an existing `final` is moved aside first and removed only afterwards."""
+  old = None
+  if os.path.exists(final):
+    old = f"{os.path.dirname(final)}/.old-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}"
+    os.rename(final, old)
+  os.rename(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)

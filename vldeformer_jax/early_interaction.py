@@ -1,0 +1,240 @@
+"""Stage 1: train the VL transformer with early interaction (image-text matching + masked language model).
+
+VLDeformer decomposes a one-stream VL transformer that already learned cross-modal knowledge by reading
+caption, tags and regions together (spec 8, item 1; 11.4a). Where no VinVL weights are at hand, this is
+the objective that teaches it: VinVL's retrieval head (binary matching on `[CLS] caption [SEP] tags [SEP]`
++ regions, spec 11.4) plus BERT's masked-language model on the caption and tag tokens of the positives.
+
+Pairs are built on device from the decomposed pieces of a training batch (ARCHITECTURE.md "Training
+batch") with `inputs.pack_pairs`, so any caption can be paired with any image of the global batch without
+tokenising again:
+- positives: (caption_i, image_i);
+- batch negatives: (caption_i, image_j) and (caption_j, image_i), j != i, drawn at random, or the hardest
+  j by the decomposed embedding similarity (`hard_embed`, 2B cheap single-modality passes) or by the
+  current model's match score among a few random candidates (`hard_match`), always under stop_gradient;
+- the pipeline's composed bi-modal hard negatives (`neg_text_*`, `neg_image_*`, spec 11.6) when present:
+  (caption_i, composed image_ik) and (composed caption_ik, image_i).
+
+Everything here is traceable: call it inside `jax.jit` on process-local or global (sharded) arrays.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from vldeformer_jax.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
+from vldeformer_jax.losses import match_loss, mlm_loss
+from vldeformer_jax.model import VLDeformer
+
+Array = jax.Array
+
+NEGATIVE_MODES = ("random", "hard_embed", "hard_match")
+
+# `config.early_interaction` fields and their defaults (bert-base-uncased special ids).
+DEFAULTS = {
+    "negatives": "random",      # how batch negatives are drawn: one of NEGATIVE_MODES
+    "num_negatives": 1,         # batch negatives per positive, in each direction (image and caption)
+    "hard_candidates": 8,       # random candidates scored per positive by `hard_match`
+    "composed_negatives": True,  # use the pipeline's neg_text_* / neg_image_* when the batch has them
+    "mlm_probability": 0.15,
+    "max_predictions": 10,      # masked positions per packed sequence (fixed, so shapes are static)
+    "mask_token_id": 103,
+    "cls_token_id": 101,
+    "sep_token_id": 102,
+    "pad_token_id": 0,
+}
+
+
+def options(config) -> dict[str, Any]:
+  """`config.early_interaction` over DEFAULTS; unknown fields are an error naming the field."""
+  given = dict(config.get("early_interaction", {}) or {})
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"config.early_interaction: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
+  opts = {**DEFAULTS, **given}
+  if opts["negatives"] not in NEGATIVE_MODES:
+    raise ValueError(f"config.early_interaction.negatives must be one of {NEGATIVE_MODES}, "
+                     f"got {opts['negatives']!r}")
+  return opts
+
+
+def split_batch(batch: Mapping[str, Array], prefix: str = "") -> tuple[dict, dict]:
+  """The caption and image pieces of a training batch: (`{prefix}text_*`, `{prefix}image_*`)."""
+  try:
+    text = {k: batch[f"{prefix}text_{k}"] for k in TEXT_KEYS}
+    image = {k: batch[f"{prefix}image_{k}"] for k in IMAGE_KEYS}
+  except KeyError as e:
+    raise KeyError(f"training batch has no key {e.args[0]!r} (keys: {sorted(batch)})") from None
+  return text, image
+
+
+def take_rows(d: Mapping[str, Array], idx: Array) -> dict:
+  return {k: jnp.take(v, idx, axis=0) for k, v in d.items()}
+
+
+def concat_rows(ds) -> dict:
+  return {k: jnp.concatenate([d[k] for d in ds], axis=0) for k in ds[0]}
+
+
+def flatten_k(d: Mapping[str, Array]) -> dict:
+  """[B, K, ...] -> [B*K, ...] (row i*K + k is negative k of positive i)."""
+  return {k: v.reshape((-1,) + v.shape[2:]) for k, v in d.items()}
+
+
+def random_others(rng: Array, n: int, k: int) -> Array:
+  """[n, k] indices j != i (row i), uniform over the other n - 1 rows."""
+  offsets = jax.random.randint(rng, (n, k), 1, max(n, 2))
+  return (jnp.arange(n)[:, None] + offsets) % n
+
+
+def _same_item(batch, n: int) -> Array:
+  """[n, n] True where two rows show the same image (the diagonal; equal `image_id` when present)."""
+  same = jnp.eye(n, dtype=bool)
+  if "image_id" in batch:
+    ids = batch["image_id"]
+    same = same | (ids[:, None] == ids[None, :])
+  return same
+
+
+def hard_by_embedding(model, params, text, image, same, k: int) -> tuple[Array, Array]:
+  """Hardest k images per caption and k captions per image by decomposed cosine similarity."""
+  t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], method=VLDeformer.embed)
+  v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], method=VLDeformer.embed)
+  t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+  v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  sim = jax.lax.stop_gradient(jnp.where(same, -jnp.inf, t @ v.T))  # [text, image]
+  _, img_for_text = jax.lax.top_k(sim, k)
+  _, text_for_img = jax.lax.top_k(sim.T, k)
+  return img_for_text, text_for_img
+
+
+def match_score_logit(model, params, pairs) -> Array:
+  """log-odds of the match class (softmax(logits)[1] is monotone in it), deterministic."""
+  logits = model.apply({"params": params}, *[pairs[x] for x in IMAGE_KEYS], method=VLDeformer.match_logits)
+  return logits[:, 1] - logits[:, 0]
+
+
+def hard_by_match_score(model, params, text, image, same, k: int, candidates: int, rng) -> tuple[Array, Array]:
+  """The k highest-scoring of `candidates` random others per row, by the current cross-encoder."""
+  n = text["input_ids"].shape[0]
+  c = max(candidates, k)
+  r_img, r_txt = jax.random.split(rng)
+
+  def pick(cand, rows_are_text):
+    flat = cand.reshape(-1)
+    anchor = jnp.repeat(jnp.arange(n), c)
+    if rows_are_text:
+      pairs = pack_pairs(take_rows(text, anchor), take_rows(image, flat))
+    else:
+      pairs = pack_pairs(take_rows(text, flat), take_rows(image, anchor))
+    s = match_score_logit(model, params, pairs).reshape(n, c)
+    s = jnp.where(same[jnp.arange(n)[:, None], cand], -jnp.inf, s)
+    _, top = jax.lax.top_k(jax.lax.stop_gradient(s), k)
+    return jnp.take_along_axis(cand, top, axis=1)
+
+  return pick(random_others(r_img, n, c), True), pick(random_others(r_txt, n, c), False)
+
+
+def mask_tokens(rng: Array, pairs: Mapping[str, Array], opts: Mapping[str, Any], vocab_size: int):
+  """BERT masking of the real non-special tokens of packed pairs.
+
+  Selects round(p * n) of each row's n candidate tokens (at least 1, at most `max_predictions`), then
+  80% -> [MASK], 10% -> a random token, 10% unchanged. Returns (masked input_ids [B, L], positions [B, P],
+  labels [B, P], weights [B, P] float32: 1 on real predictions, 0 on padding slots).
+  """
+  ids = pairs["input_ids"]
+  n_rows, length = ids.shape
+  tok_mask = pairs["attention_mask"][:, :length] > 0
+  special = ((ids == opts["cls_token_id"]) | (ids == opts["sep_token_id"]) | (ids == opts["pad_token_id"]))
+  cand = tok_mask & ~special
+  n_cand = jnp.sum(cand, axis=1)
+  p = min(int(opts["max_predictions"]), length)
+  n_pred = jnp.minimum(p, jnp.maximum(1, jnp.round(n_cand * opts["mlm_probability"]).astype(jnp.int32)))
+  r_pick, r_rule, r_tok = jax.random.split(rng, 3)
+  scores = jnp.where(cand, jax.random.uniform(r_pick, ids.shape), -1.0)
+  top_scores, positions = jax.lax.top_k(scores, p)
+  weights = ((jnp.arange(p)[None, :] < n_pred[:, None]) & (top_scores >= 0)).astype(jnp.float32)
+  labels = jnp.take_along_axis(ids, positions, axis=1)
+  u = jax.random.uniform(r_rule, positions.shape)
+  random_ids = jax.random.randint(r_tok, positions.shape, 0, vocab_size)
+  new = jnp.where(u < 0.8, opts["mask_token_id"], jnp.where(u < 0.9, random_ids, labels))
+  new = jnp.where(weights > 0, new, labels).astype(ids.dtype)
+  masked = ids.at[jnp.arange(n_rows)[:, None], positions].set(new)
+  return masked, positions, labels, weights
+
+
+def build_match_pairs(model, params, batch, rng, opts) -> tuple[dict, Array]:
+  """Packed early-interaction pairs of a batch and their labels (1 = match): positives first."""
+  text, image = split_batch(batch)
+  n = text["input_ids"].shape[0]
+  k = int(opts["num_negatives"])
+  same = _same_item(batch, n)
+  if opts["negatives"] == "random" or n < 2:
+    r_img, r_txt = jax.random.split(rng)
+    img_for_text, text_for_img = random_others(r_img, n, k), random_others(r_txt, n, k)
+  elif opts["negatives"] == "hard_embed":
+    img_for_text, text_for_img = hard_by_embedding(model, params, text, image, same, k)
+  else:
+    img_for_text, text_for_img = hard_by_match_score(
+        model, params, text, image, same, k, int(opts["hard_candidates"]), rng)
+  img_for_text = jax.lax.stop_gradient(img_for_text)
+  text_for_img = jax.lax.stop_gradient(text_for_img)
+  anchors = jnp.repeat(jnp.arange(n), k)
+  texts = [text, take_rows(text, anchors), take_rows(text, text_for_img.reshape(-1))]
+  images = [image, take_rows(image, img_for_text.reshape(-1)), take_rows(image, anchors)]
+  if opts["composed_negatives"] and "neg_text_input_ids" in batch and "neg_image_input_ids" in batch:
+    neg_text, neg_image = (flatten_k(d) for d in split_batch(batch, prefix="neg_"))
+    kc = batch["neg_text_input_ids"].shape[1]
+    rep = jnp.repeat(jnp.arange(n), kc)
+    texts += [take_rows(text, rep), neg_text]
+    images += [neg_image, take_rows(image, rep)]
+  pairs = pack_pairs(concat_rows(texts), concat_rows(images))
+  n_pairs = pairs["input_ids"].shape[0]
+  labels = (jnp.arange(n_pairs) < n).astype(jnp.int32)
+  return pairs, labels
+
+
+def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array], rng: Array,
+                           config) -> tuple[Array, dict[str, Array]]:
+  """ITM cross entropy + `config.loss.mlm_weight` * MLM cross entropy, and scalar metrics.
+
+  `model` is a `VLDeformer`, `params` its parameter tree, `batch` a training batch (ARCHITECTURE.md),
+  `rng` a PRNG key (negatives, masking, dropout), `config` the training ConfigDict: reads
+  `config.early_interaction` (see DEFAULTS) and `config.loss.mlm_weight` (default 1.0).
+  """
+  opts = options(config)
+  mlm_weight = float(config.get("loss", {}).get("mlm_weight", 1.0))
+  r_neg, r_drop_itm, r_mask, r_drop_mlm = jax.random.split(rng, 4)
+  pairs, labels = build_match_pairs(model, params, batch, r_neg, opts)
+  logits = model.apply({"params": params}, *[pairs[x] for x in IMAGE_KEYS], deterministic=False,
+                       method=VLDeformer.match_logits, rngs={"dropout": r_drop_itm})
+  itm_loss, itm_metrics = match_loss(logits, labels)
+  is_pos = labels == 1
+  prob = jax.nn.softmax(logits, axis=-1)[:, 1]
+  metrics = {
+      "itm_loss": itm_loss,
+      "itm_accuracy": itm_metrics["match_accuracy"],
+      "match_prob_pos": jnp.sum(jnp.where(is_pos, prob, 0.0)) / jnp.maximum(jnp.sum(is_pos), 1),
+      "match_prob_neg": jnp.sum(jnp.where(is_pos, 0.0, prob)) / jnp.maximum(jnp.sum(~is_pos), 1),
+  }
+  loss = itm_loss
+  if mlm_weight > 0:
+    n = batch["text_input_ids"].shape[0]
+    pos = {k: v[:n] for k, v in pairs.items()}
+    vocab = model.config.vocab_size
+    masked, positions, mlm_labels, weights = mask_tokens(r_mask, pos, opts, vocab)
+
+    def mlm_logits_fn(m: VLDeformer):
+      h, _ = m.encode(masked, pos["token_type_ids"], pos["attention_mask"], pos["img_feats"],
+                      deterministic=False)
+      gathered = jnp.take_along_axis(h, positions[..., None], axis=1)
+      return m.mlm_logits(gathered)
+
+    mlm_logits = model.apply({"params": params}, method=mlm_logits_fn, rngs={"dropout": r_drop_mlm})
+    mlm, mlm_metrics = mlm_loss(mlm_logits, mlm_labels, weights)
+    metrics.update(mlm_metrics)
+    loss = loss + mlm_weight * mlm
+  metrics["loss"] = loss
+  return loss, metrics

@@ -1,0 +1,355 @@
+"""Cross-modal retrieval evaluation of an Encoder on a dataset split: decomposed, cross-encoder, re-ranked.
+
+Decomposed (the VLDeformer way, spec 6): every image and every caption is encoded once (batched by the
+Encoder, sharded over all devices with a mesh, the padded last batch dropped), L2-normalised, and one
+[N_img, N_txt] similarity matrix gives every rank. The early-interaction (cross-encoder) baseline scores
+every (image, caption) pair with the same weights (`Encoder.match_scores_inputs`), which is N_img x N_txt
+forward passes: `max_images` restricts both to the same first-N-images subset when that is too slow.
+Re-ranking re-scores each query's top-K from the decomposed similarity with the cross-encoder.
+
+All of them produce the same JSON (retrieval/metrics.py), so the demo can put them side by side:
+  {"i2t": {"R@1", "R@5", "R@10", "medr", "meanr"}, "t2i": {...}, "rsum", "mAP@R": {"i2t", "t2i"},
+   "num_images", "num_captions", "protocol", "model", "timing": {...}, ["reranked": {...}]}
+
+Records are the dataset contract of ARCHITECTURE.md (`image_id`, `features` [n, F], `tags`, `captions`),
+from `data.prepare.load_split` or any sequence of such dicts; text may be bytes or str.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from vldeformer_jax import inputs
+from vldeformer_jax.retrieval import metrics
+
+PROTOCOLS = ("full", "coco5k", "coco1k", "flickr1k", "all")
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+@dataclasses.dataclass
+class Gallery:
+  """The images and captions of a split, in record order; captions flattened image-major."""
+  source: Any  # random access: len(), [i] -> record
+  rows: np.ndarray  # record index of each evaluated image
+  image_ids: np.ndarray  # [N_img] int64
+  captions: list[str]  # [N_txt]
+  txt2img: np.ndarray  # [N_txt] image position of each caption
+
+  @property
+  def num_images(self) -> int:
+    return len(self.rows)
+
+  def image_inputs(self, encoder, positions: Sequence[int]) -> dict[str, np.ndarray]:
+    """Tokenised tags + padded regions of the images at these positions (records read on demand)."""
+    cfg = encoder.model_config
+    recs = [self.source[int(self.rows[p])] for p in positions]
+    return inputs.image_inputs(encoder.tokenizer, [np.asarray(r["features"], np.float32) for r in recs],
+                               [_text(r["tags"]) for r in recs], cfg.max_text_len, cfg.max_regions,
+                               cfg.img_feature_dim)
+
+  def text_inputs(self, encoder, positions: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    caps = self.captions if positions is None else [self.captions[int(p)] for p in positions]
+    return inputs.text_inputs(encoder.tokenizer, caps, encoder.model_config.max_text_len)
+
+
+def load_gallery(source, max_images: int | None = None, image_ids: Sequence[int] | None = None) -> Gallery:
+  """Reads ids and captions of a split (features stay on disk); `max_images`: the first N images only;
+  `image_ids`: only these images, in this order (a key file)."""
+  n = len(source)
+  if image_ids is not None:
+    wanted = {int(i): p for p, i in enumerate(image_ids)}
+    found = {}
+    for r in range(n):
+      iid = int(source[r]["image_id"])
+      if iid in wanted:
+        found[iid] = r
+    missing = [i for i in wanted if i not in found]
+    if missing:
+      raise KeyError(f"{len(missing)} image ids of the key list are not in the split "
+                     f"(first: {missing[:5]})")
+    rows = np.array([found[int(i)] for i in image_ids], np.int64)
+  else:
+    rows = np.arange(n if max_images is None else min(n, int(max_images)), dtype=np.int64)
+  ids, captions, txt2img = [], [], []
+  for pos, r in enumerate(rows):
+    rec = source[int(r)]
+    caps = [_text(c) for c in list(rec["captions"])]
+    if not caps:
+      raise ValueError(f"record {int(r)} (image_id {int(rec['image_id'])}) has no captions")
+    ids.append(int(rec["image_id"]))
+    captions.extend(caps)
+    txt2img.extend([pos] * len(caps))
+  return Gallery(source, rows, np.array(ids, np.int64), captions, np.array(txt2img, np.int64))
+
+
+def with_mesh(encoder, mesh):
+  """The encoder itself, or the same weights sharding each batch over `mesh` (its 'data' axis)."""
+  if mesh is None or getattr(encoder, "mesh", None) is mesh:
+    return encoder
+  return type(encoder)(encoder.model_config, encoder.params, encoder.tokenizer, mesh=mesh,
+                       batch_size=encoder.batch_size, fingerprint=encoder.fingerprint)
+
+
+def embed_gallery(encoder, gallery: Gallery, batch_size: int | None = None, chunk: int = 1024,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(image embeddings [N_img, D], caption embeddings [N_txt, D], timing), both L2-normalised.
+
+  Images are read and tokenised `chunk` at a time, so region features never all sit in memory.
+  """
+  timing = {"encode_images_s": 0.0, "encode_captions_s": 0.0}
+  img = []
+  for a in tqdm(range(0, gallery.num_images, chunk), desc="encode images", disable=not progress):
+    x = gallery.image_inputs(encoder, range(a, min(a + chunk, gallery.num_images)))
+    t = time.perf_counter()
+    img.append(encoder.embed_image_inputs(x, batch_size=batch_size))
+    timing["encode_images_s"] += time.perf_counter() - t
+  txt = []
+  for a in tqdm(range(0, len(gallery.captions), chunk * 5), desc="encode captions", disable=not progress):
+    x = gallery.text_inputs(encoder, range(a, min(a + chunk * 5, len(gallery.captions))))
+    t = time.perf_counter()
+    txt.append(encoder.embed_text_inputs(x, batch_size=batch_size))
+    timing["encode_captions_s"] += time.perf_counter() - t
+  d = encoder.model_config.embed_dim
+  img = np.concatenate(img) if img else np.zeros((0, d), np.float32)
+  txt = np.concatenate(txt) if txt else np.zeros((0, d), np.float32)
+  return img, txt, timing
+
+
+@jax.jit
+def _sim(img, txt):
+  return jnp.dot(img, txt.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def similarity(image_emb: np.ndarray, text_emb: np.ndarray, mesh=None) -> np.ndarray:
+  """One [N_img, N_txt] product; with a mesh the image rows are split over its devices."""
+  img, txt = np.asarray(image_emb, np.float32), np.asarray(text_emb, np.float32)
+  if mesh is not None:
+    ndev = mesh.devices.size
+    pad = -len(img) % ndev
+    x = jax.device_put(np.pad(img, ((0, pad), (0, 0))),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names))))
+    return np.asarray(_sim(x, jnp.asarray(txt)))[:len(img)]
+  return np.asarray(_sim(jnp.asarray(img), jnp.asarray(txt)))
+
+
+def _protocol_results(sim, txt2img, protocol, fold_size, sim_t2i=None) -> dict:
+  if protocol != "all":
+    return metrics.protocol_metrics(sim, txt2img, protocol, fold_size, sim_t2i)
+  out = metrics.protocol_metrics(sim, txt2img, "full", fold_size, sim_t2i)
+  out["protocols"] = {}
+  if sim.shape[0] >= fold_size:
+    out["protocols"]["coco1k"] = metrics.protocol_metrics(sim, txt2img, "coco1k", fold_size, sim_t2i)
+  out["protocol"] = "all"
+  return out
+
+
+def _top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
+  """Indices of each row's top-k, stable descending (ties by index, as in metrics.py)."""
+  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _rerank_matrix(sim: np.ndarray, top: np.ndarray, cross: np.ndarray) -> np.ndarray:
+  """`sim` with each row's shortlist `top` [Q, K] moved above everything else, ordered by `cross` [Q, K]
+  (ties keep the embedding order); values 2 + (K - position) are exact, so no precision is lost."""
+  k = top.shape[1]
+  order = np.lexsort((np.broadcast_to(np.arange(k), cross.shape), -cross), axis=1)
+  out = np.array(sim, np.float32, copy=True)
+  new_vals = np.empty(cross.shape, np.float32)
+  np.put_along_axis(new_vals, order, (2.0 + k - np.arange(k, dtype=np.float32))[None, :].repeat(len(top), 0),
+                    axis=1)
+  np.put_along_axis(out, top, new_vals, axis=1)
+  return out
+
+
+def rerank(encoder, gallery: Gallery, sim: np.ndarray, top_k: int, batch_size: int | None = None,
+           progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+  """(i2t matrix, t2i matrix, pairs scored): each image's top-K captions and each caption's top-K images
+  re-scored with the early-interaction head; entries outside the shortlists keep their order below it."""
+  text_all = gallery.text_inputs(encoder)
+  n_img, n_txt = sim.shape
+  k_txt, k_img = min(top_k, n_txt), min(top_k, n_img)
+  top_t = _top_k_rows(sim, k_txt)  # [N_img, K] caption indices
+  top_i = _top_k_rows(sim.T, k_img)  # [N_txt, K] image indices
+  cross_i2t = np.empty(top_t.shape, np.float32)
+  cross_t2i = np.empty(top_i.shape, np.float32)
+  # Group the work by image so each image's regions are read once per direction.
+  chunk = 64
+  for a in tqdm(range(0, n_img, chunk), desc="re-rank", disable=not progress):
+    imgs = np.arange(a, min(a + chunk, n_img))
+    img_x = gallery.image_inputs(encoder, imgs)
+    # i2t pairs: (image, its shortlisted captions)
+    pi = np.repeat(np.arange(len(imgs)), k_txt)
+    pt = top_t[imgs].reshape(-1)
+    s = encoder.match_scores_inputs({k: v[pt] for k, v in text_all.items()},
+                                    {k: v[pi] for k, v in img_x.items()}, batch_size=batch_size)
+    cross_i2t[imgs] = s.reshape(len(imgs), k_txt)
+    # t2i pairs whose shortlisted image is in this chunk
+    q, slot = np.nonzero((top_i >= a) & (top_i < a + len(imgs)))
+    if len(q):
+      s = encoder.match_scores_inputs({k: v[q] for k, v in text_all.items()},
+                                      {k: v[top_i[q, slot] - a] for k, v in img_x.items()}, batch_size=batch_size)
+      cross_t2i[q, slot] = s
+  sim_i2t = _rerank_matrix(sim, top_t, cross_i2t)
+  sim_t2i = _rerank_matrix(sim.T, top_i, cross_t2i).T
+  return sim_i2t, sim_t2i, int(top_t.size + top_i.size)
+
+
+def _as_source(source_or_records, max_images, image_ids) -> Gallery:
+  if isinstance(source_or_records, Gallery):
+    return source_or_records
+  return load_gallery(source_or_records, max_images, image_ids)
+
+
+def evaluate(encoder, source_or_records, protocol: str = "full", batch_size: int | None = None, mesh=None,
+             rerank_top_k: int = 0, *, max_images: int | None = None, image_ids: Sequence[int] | None = None,
+             fold_size: int = 1000, progress: bool = True, return_embeddings: bool = False) -> dict:
+  """Decomposed retrieval metrics of `encoder` on a split (see the module docstring for the JSON).
+
+  protocol: `full` | `coco5k` | `flickr1k` (every image), `coco1k` (mean over folds of `fold_size`
+  consecutive images), `all` (full + `protocols.coco1k`). `rerank_top_k` > 0 adds `reranked`: the same
+  metrics after re-scoring each query's top-K with the early-interaction head. `image_ids`: evaluate
+  only these images (a key file such as test_img_keys_1k.tsv), in that order.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+  encoder = with_mesh(encoder, mesh)
+  gallery = _as_source(source_or_records, max_images, image_ids)
+  t0 = time.perf_counter()
+  img, txt, timing = embed_gallery(encoder, gallery, batch_size, progress=progress)
+  t = time.perf_counter()
+  sim = similarity(img, txt, mesh)
+  timing["similarity_s"] = time.perf_counter() - t
+  t = time.perf_counter()
+  out = _protocol_results(sim, gallery.txt2img, protocol, fold_size)
+  timing["metrics_s"] = time.perf_counter() - t
+  timing["total_s"] = time.perf_counter() - t0
+  out.update(model="decomposed", export_fingerprint=encoder.fingerprint, timing=timing)
+  if rerank_top_k:
+    t = time.perf_counter()
+    sim_i2t, sim_t2i, pairs = rerank(encoder, gallery, sim, rerank_top_k, batch_size, progress)
+    rr = _protocol_results(sim_i2t, gallery.txt2img, protocol, fold_size, sim_t2i=sim_t2i)
+    rr.update(rerank_top_k=int(rerank_top_k), pairs_scored=pairs, seconds=time.perf_counter() - t)
+    out["reranked"] = rr
+  if return_embeddings:
+    out["_embeddings"] = (img, txt, gallery)
+  return out
+
+
+def cross_encoder_scores(encoder, source_or_records, batch_size: int | None = None, *,
+                         max_images: int | None = None, image_chunk: int = 16,
+                         progress: bool = True) -> tuple[np.ndarray, Gallery]:
+  """Early-interaction score of every (image, caption) pair: ([N_img, N_txt] float32, the gallery).
+
+  N_img x N_txt forward passes: use `max_images` to keep it to a feasible subset.
+  """
+  gallery = _as_source(source_or_records, max_images, None)
+  text_all = gallery.text_inputs(encoder)
+  n_img, n_txt = gallery.num_images, len(gallery.captions)
+  scores = np.empty((n_img, n_txt), np.float32)
+  bar = tqdm(total=n_img * n_txt, desc="cross-encoder pairs", unit="pair", disable=not progress)
+  for a in range(0, n_img, image_chunk):
+    imgs = np.arange(a, min(a + image_chunk, n_img))
+    img_x = gallery.image_inputs(encoder, imgs)
+    for i in range(len(imgs)):
+      one = {k: np.broadcast_to(v[i], (n_txt,) + v.shape[1:]) for k, v in img_x.items()}
+      scores[imgs[i]] = encoder.match_scores_inputs(text_all, one, batch_size=batch_size)
+      bar.update(n_txt)
+  bar.close()
+  return scores, gallery
+
+
+def evaluate_cross_encoder(encoder, source_or_records, protocol: str = "full", batch_size: int | None = None,
+                           mesh=None, *, max_images: int | None = None, fold_size: int = 1000,
+                           progress: bool = True) -> dict:
+  """The early-interaction baseline: every pair scored, ranked like the decomposed model (same JSON)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+  encoder = with_mesh(encoder, mesh)
+  t = time.perf_counter()
+  scores, gallery = cross_encoder_scores(encoder, source_or_records, batch_size, max_images=max_images,
+                                         progress=progress)
+  seconds = time.perf_counter() - t
+  out = _protocol_results(scores, gallery.txt2img, protocol, fold_size)
+  out.update(model="cross_encoder", export_fingerprint=encoder.fingerprint,
+             timing={"score_pairs_s": seconds, "pairs": int(scores.size)})
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The launch/evaluate.py entry: load, evaluate under the protocols, print a table, write the JSON.
+
+
+def format_table(results: dict[str, dict]) -> str:
+  """A fixed-width table: one line per named result (and per re-ranked / per-protocol variant)."""
+  head = f"{'':34s} {'i2t R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'medr':>5s} {'t2i R@1':>8s} {'R@5':>6s} " \
+         f"{'R@10':>6s} {'medr':>5s} {'rsum':>7s} {'mAP@R i2t':>10s} {'t2i':>6s}"
+  lines = [head, "-" * len(head)]
+
+  def row(name, m):
+    i, t = m["i2t"], m["t2i"]
+    lines.append(f"{name[:34]:34s} {i['R@1']:8.2f} {i['R@5']:6.2f} {i['R@10']:6.2f} {i['medr']:5.0f} "
+                 f"{t['R@1']:8.2f} {t['R@5']:6.2f} {t['R@10']:6.2f} {t['medr']:5.0f} {m['rsum']:7.2f} "
+                 f"{m['mAP@R']['i2t']:10.2f} {m['mAP@R']['t2i']:6.2f}")
+
+  for name, m in results.items():
+    if not isinstance(m, dict) or "i2t" not in m:
+      continue
+    row(f"{name} ({m['num_images']} img)", m)
+    for p, pm in m.get("protocols", {}).items():
+      row(f"  {name} {p}", pm)
+    if "reranked" in m:
+      row(f"  {name} re-ranked top-{m['reranked']['rerank_top_k']}", m["reranked"])
+  return "\n".join(lines)
+
+
+def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test", *, protocol: str = "full",
+                   rerank_top_k: int = 0, cross_encoder: bool = False, output: str | None = None,
+                   batch_size: int = 64, max_images: int | None = None, cross_max_images: int | None = None,
+                   use_mesh: bool = True, dtype: str | None = None) -> dict:
+  """Evaluates an export on a prepared split; returns (and writes to `output`, atomically) the JSON
+  `{"decomposed": ..., ["coco1k_keyfile": ...], ["cross_encoder": ...], "export", "dataset", "split"}`.
+
+  With protocol coco1k / all and a `test_1k` split in the dataset, the single 1K key file of the
+  reference code is evaluated too (`coco1k_keyfile`), reusing nothing but the weights.
+  """
+  import tensorflow_datasets as tfds  # noqa: F401  (the data layer needs it; fail early and clearly)
+  from vldeformer_jax import parallel
+  from vldeformer_jax.data import prepare
+  from vldeformer_jax.encoder import Encoder
+  from vldeformer_jax.retrieval.index import write_json_atomic
+
+  mesh = parallel.make_mesh() if use_mesh and jax.device_count() > 1 else None
+  encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size)
+  source = prepare.load_split(data_dir, dataset, split)
+  results: dict[str, Any] = {"export": export, "export_fingerprint": encoder.fingerprint, "dataset": dataset,
+                             "split": split, "protocol": protocol}
+  results["decomposed"] = evaluate(encoder, source, protocol, batch_size, rerank_top_k=rerank_top_k,
+                                   max_images=max_images)
+  if protocol in ("coco1k", "all") and split == "test":
+    try:
+      key_source = prepare.load_split(data_dir, dataset, "test_1k")
+    except Exception:  # no test_1k split in this dataset
+      key_source = None
+    if key_source is not None:
+      results["coco1k_keyfile"] = evaluate(encoder, key_source, "full", batch_size, rerank_top_k=rerank_top_k)
+  if cross_encoder:
+    # Every pair is a forward pass: the cross-encoder may run on a subset; the decomposed model is then
+    # evaluated on exactly that subset too, so the two are compared on the same images and captions.
+    sub = cross_max_images or max_images
+    results["cross_encoder"] = evaluate_cross_encoder(encoder, source, "full", batch_size, max_images=sub)
+    if sub is not None and sub != max_images:
+      results["decomposed_same_subset"] = evaluate(encoder, source, "full", batch_size, max_images=sub,
+                                                   rerank_top_k=rerank_top_k)
+  print(format_table({k: v for k, v in results.items() if isinstance(v, dict)}))
+  if output:
+    write_json_atomic(output, results)
+  return results

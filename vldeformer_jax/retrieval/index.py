@@ -1,0 +1,304 @@
+"""A persistent embedding index: embed a gallery once, answer queries later without re-embedding it.
+
+This is VLDeformer's "single modal indexing": images (or captions) are encoded offline by the decomposed
+encoder and stored; a query is one encoder pass plus a search (retrieval/search.py: exact chunked top-k in
+JAX, optionally compact int8 / 1-bit codes with the shortlist re-scored in float).
+
+  INDEX/
+    meta.json        {"format": "vldeformer_jax.index", "version": 1, "fingerprint": <export's>, "side",
+                      "num", "dim", "compact", "dataset", "split", "data_dir", "files": {name: sha256}}
+    embeddings.npy   float32 [N, D], L2-normalised (memory-mapped when searching)
+    ids.npy          int64 [N]: the image_id of each row
+    texts.json       what each row is: the tags (images) or the caption text (captions)
+    codes.npy        int8 [N, D] (+ scales.npy float32 [N]) or uint8 [N, D/8]: only for a compact index
+
+The directory is written under a temporary sibling and renamed, so an index that exists is complete. On
+load every file is checked against the sha256 in meta.json and its shape against `num`/`dim` (a corrupt
+or partly replaced index is refused), and `check_fingerprint` refuses an index built by another export:
+embeddings of different weights live in a different space and would give silently wrong answers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from vldeformer_jax.retrieval import search
+from vldeformer_jax.retrieval.search import TopK, exact_topk  # noqa: F401  (public: the exact search)
+
+FORMAT = "vldeformer_jax.index"
+VERSION = 1
+META = "meta.json"
+SIDES = ("images", "captions")
+COMPACT = (None, "int8", "binary")
+
+
+class BadIndexError(ValueError):
+  """A missing, corrupt, stale or foreign index (the message says which file and what to do)."""
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """JSON to `path` via a temporary sibling file and a rename: never half-written."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequence[str], *,
+                fingerprint: str, side: str, compact: str | None = None, metadata: dict | None = None,
+                overwrite: bool = False) -> dict:
+  """Writes an index directory atomically from embeddings already computed; returns its meta.json."""
+  if side not in SIDES:
+    raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
+  if compact not in COMPACT:
+    raise ValueError(f"compact must be one of {COMPACT}, got {compact!r}")
+  emb = np.asarray(embeddings, np.float32)
+  ids = np.asarray(ids, np.int64)
+  if emb.ndim != 2 or len(ids) != len(emb) or len(texts) != len(emb):
+    raise ValueError(f"index: embeddings {emb.shape}, {len(ids)} ids and {len(texts)} texts do not match")
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"index already exists: {path} (pass overwrite=True / --overwrite to replace it)")
+  parent, base = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  try:
+    arrays = {"embeddings.npy": emb, "ids.npy": ids}
+    if compact == "int8":
+      arrays["codes.npy"], arrays["scales.npy"] = search.quantize_int8(emb)
+    elif compact == "binary":
+      arrays["codes.npy"] = search.pack_signs(emb)
+    for name, a in arrays.items():
+      np.save(os.path.join(tmp, name), a)
+    with open(os.path.join(tmp, "texts.json"), "w") as f:
+      json.dump([str(t) for t in texts], f)
+    files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(list(arrays) + ["texts.json"])}
+    meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "side": side,
+            "num": int(len(emb)), "dim": int(emb.shape[1]), "compact": compact, "files": files,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta.update({k: v for k, v in (metadata or {}).items() if k not in meta})
+    write_json_atomic(os.path.join(tmp, META), meta)
+    if os.path.exists(path):
+      old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return meta
+
+
+@dataclasses.dataclass
+class Index:
+  """A loaded index. Arrays are memory-mapped: only searched chunks / re-scored rows are read."""
+  path: str
+  meta: dict
+  embeddings: np.ndarray
+  ids: np.ndarray
+  texts: list[str]
+  codes: np.ndarray | None = None
+  scales: np.ndarray | None = None
+
+  @classmethod
+  def load(cls, path: str, *, verify: bool = True) -> "Index":
+    """Reads and checks an index directory; `verify` re-hashes every file against meta.json."""
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, META)
+    if not os.path.isdir(path):
+      raise BadIndexError(f"index not found: {path} (build it with `launch/index.py build`)")
+    if not os.path.isfile(meta_path):
+      raise BadIndexError(f"index {path}: missing {META}; not a complete vldeformer_jax index (rebuild it)")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise BadIndexError(f"{meta_path}: not valid JSON (line {e.lineno}: {e.msg}); rebuild the index") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+      raise BadIndexError(f"{meta_path}: field 'format' is not {FORMAT!r}; not a vldeformer_jax index")
+    if meta.get("version") != VERSION:
+      raise BadIndexError(f"{meta_path}: index version {meta.get('version')!r} is stale; this code reads "
+                        f"version {VERSION}: rebuild the index")
+    for key in ("fingerprint", "side", "num", "dim", "files"):
+      if key not in meta:
+        raise BadIndexError(f"{meta_path}: field {key!r} is missing; rebuild the index")
+    for name, digest in meta["files"].items():
+      f = os.path.join(path, name)
+      if not os.path.isfile(f):
+        raise BadIndexError(f"index {path}: file {name} listed in {META} is missing; rebuild the index")
+      if verify and _sha256(f) != digest:
+        raise BadIndexError(f"index {path}: {name} does not match its sha256 in {META} (corrupt or modified "
+                          f"after the build); rebuild the index")
+    n, d = meta["num"], meta["dim"]
+
+    def arr(name, shape):
+      try:
+        a = np.load(os.path.join(path, name), mmap_mode="r")
+      except (ValueError, OSError) as e:
+        raise BadIndexError(f"index {path}: cannot read {name}: {e}; rebuild the index") from e
+      if shape is not None and tuple(a.shape) != shape:
+        raise BadIndexError(f"index {path}: {name} has shape {tuple(a.shape)}, {META} says {shape}; "
+                          "rebuild the index")
+      return a
+
+    with open(os.path.join(path, "texts.json")) as f:
+      texts = json.load(f)
+    if len(texts) != n:
+      raise BadIndexError(f"index {path}: texts.json has {len(texts)} entries, {META} says {n}")
+    codes = scales = None
+    if meta.get("compact") == "int8":
+      codes, scales = arr("codes.npy", (n, d)), arr("scales.npy", (n,))
+    elif meta.get("compact") == "binary":
+      codes = arr("codes.npy", (n, -(-d // 8)))
+    return cls(path, meta, arr("embeddings.npy", (n, d)), arr("ids.npy", (n,)), texts, codes, scales)
+
+  @property
+  def fingerprint(self) -> str:
+    return self.meta["fingerprint"]
+
+  def check_fingerprint(self, fingerprint: str, export: str = "the encoder") -> None:
+    """Refuses to answer queries embedded by weights other than those that built the index."""
+    if fingerprint != self.fingerprint:
+      raise BadIndexError(
+          f"index {self.path} was built by the export with fingerprint {self.fingerprint[:16]}..., but "
+          f"{export} has fingerprint {fingerprint[:16]}...: its embeddings are in another space. Query with "
+          f"the export that built the index, or rebuild the index with this one.")
+
+  def search(self, queries: np.ndarray, k: int = 10, *, rescore_factor: int = 10, mesh=None,
+             chunk_size: int = 4096, exact: bool | None = None) -> TopK:
+    """Top-k rows for L2-normalised queries [Q, D]. A compact index scans its codes for a shortlist of
+    k * rescore_factor rows, then re-scores those in float (`exact=True` scans the float rows instead)."""
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    kind = self.meta.get("compact")
+    if kind is None or exact:
+      return search.exact_topk(queries, self.embeddings, k, mesh=mesh, chunk_size=chunk_size)
+    short = search.search_codes(queries, self.codes, min(self.meta["num"], k * rescore_factor), kind=kind,
+                                scales=self.scales, dim=self.meta["dim"], mesh=mesh, chunk_size=chunk_size)
+    return search.rescore(queries, self.embeddings, short.indices, k)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building from a dataset, querying from text or an image id (the launch/index.py entries).
+
+
+def build_index(encoder, source, path: str, *, side: str = "images", compact: str | None = None,
+                batch_size: int | None = None, metadata: dict | None = None, overwrite: bool = False,
+                chunk: int = 1024) -> dict:
+  """Embeds a split's images (tags + regions) or captions once and writes the index; returns meta.json."""
+  from vldeformer_jax.retrieval import evaluate
+  gallery = evaluate.load_gallery(source)
+  if side == "images":
+    embs, ids, texts = [], gallery.image_ids, []
+    for a in tqdm(range(0, gallery.num_images, chunk), desc="index images"):
+      pos = range(a, min(a + chunk, gallery.num_images))
+      x = gallery.image_inputs(encoder, pos)
+      embs.append(encoder.embed_image_inputs(x, batch_size=batch_size))
+      texts.extend(evaluate._text(source[int(gallery.rows[p])]["tags"]) for p in pos)
+  elif side == "captions":
+    embs, ids, texts = [], gallery.image_ids[gallery.txt2img], gallery.captions
+    for a in tqdm(range(0, len(texts), chunk * 5), desc="index captions"):
+      x = gallery.text_inputs(encoder, range(a, min(a + chunk * 5, len(texts))))
+      embs.append(encoder.embed_text_inputs(x, batch_size=batch_size))
+  else:
+    raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
+  emb = np.concatenate(embs) if embs else np.zeros((0, encoder.model_config.embed_dim), np.float32)
+  return write_index(path, emb, ids, texts, fingerprint=encoder.fingerprint, side=side, compact=compact,
+                     metadata=metadata, overwrite=overwrite)
+
+
+def query_index(index: Index, encoder, *, text: str | None = None, image_record: dict | None = None,
+                k: int = 10, export: str = "the encoder", exact: bool | None = None) -> list[dict]:
+  """Answers one text or image query from a stored index; refuses a foreign index. Rows of
+  {"rank", "score", "image_id", "text"}."""
+  index.check_fingerprint(encoder.fingerprint, export)
+  if (text is None) == (image_record is None):
+    raise ValueError("query_index: give exactly one of text= or image_record=")
+  if text is not None:
+    q = encoder.embed_texts([text])
+  else:
+    q = encoder.embed_images([np.asarray(image_record["features"], np.float32)],
+                             [image_record["tags"].decode() if isinstance(image_record["tags"], bytes)
+                              else str(image_record["tags"])])
+  top = index.search(q, k, exact=exact)
+  return [{"rank": r + 1, "score": float(s), "image_id": int(index.ids[i]), "text": index.texts[i]}
+          for r, (s, i) in enumerate(zip(top.scores[0], top.indices[0])) if i >= 0]
+
+
+def find_record(source, image_id: int) -> dict:
+  """The record of an image id in a split (a linear scan of the ids)."""
+  for r in range(len(source)):
+    rec = source[r]
+    if int(rec["image_id"]) == int(image_id):
+      return rec
+  raise KeyError(f"image_id {image_id} is not in the split")
+
+
+def run_build(export: str, data_dir: str, dataset: str, split: str, path: str, *, side: str = "images",
+              compact: str | None = None, batch_size: int = 64, overwrite: bool = False) -> dict:
+  """`launch/index.py build`: loads the export and the split, builds the index; returns its meta."""
+  from vldeformer_jax.data import prepare
+  from vldeformer_jax.encoder import Encoder
+  if not (data_dir and dataset):
+    raise ValueError("build needs --data_dir and --dataset")
+  encoder = Encoder.load(export, batch_size=batch_size)
+  source = prepare.load_split(data_dir, dataset, split)
+  return build_index(encoder, source, path, side=side, compact=compact, batch_size=batch_size,
+                     overwrite=overwrite, metadata={"export": os.path.abspath(export), "data_dir": data_dir,
+                                                    "dataset": dataset, "split": split})
+
+
+def run_query(path: str, export: str, *, text: str | None = None, image_id: int | None = None, k: int = 10,
+              data_dir: str | None = None, dataset: str | None = None, split: str | None = None,
+              exact: bool = False) -> list[dict]:
+  """`launch/index.py query`: checks the index first (cheap), then loads the export and answers."""
+  from vldeformer_jax import export as export_lib
+  index = Index.load(path)
+  # Refuse a foreign index before paying for the model: export.json holds the fingerprint.
+  index.check_fingerprint(export_lib.read_metadata(export)["fingerprint"], f"export {export}")
+  from vldeformer_jax.encoder import Encoder
+  encoder = Encoder.load(export)
+  record = None
+  if image_id is not None:
+    from vldeformer_jax.data import prepare
+    data_dir = data_dir or index.meta.get("data_dir")
+    dataset = dataset or index.meta.get("dataset")
+    if not (data_dir and dataset):
+      raise ValueError("an --image_id query needs --data_dir and --dataset")
+    record = find_record(prepare.load_split(data_dir, dataset, split or index.meta.get("split", "test")),
+                         image_id)
+  return query_index(index, encoder, text=text, image_record=record, k=k, export=f"export {export}",
+                     exact=exact or None)

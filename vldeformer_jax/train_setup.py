@@ -1,0 +1,280 @@
+"""The setup around the training loop: data, the init order, the input iterator, evaluation, the export.
+
+Kept apart from `train.py` so the loop reads top to bottom and each decision here is one small function:
+- `open_data`: the prepared tfds splits (optionally generating the demo dataset first);
+- `initial_model` / `initial_state`: the init order of guide/jax.md: resume from the workdir's latest
+  checkpoint, else `config.init_export` (read_export + merge_params, with the config's dropout / pooling /
+  projection / dtype overrides), else random init; parameters are born sharded (`jax.eval_shape` ->
+  `parallel.param_shardings` -> `jax.jit(init, out_shardings=...)`), and a summary of what was loaded
+  and what was initialised fresh is logged;
+- `Evaluator`: retrieval on the held-out split with `vldeformer_jax.retrieval`;
+- `write_final_export`: the trained parameters in the one export format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vldeformer_jax import checkpoint as ckpt_lib
+from vldeformer_jax import inputs
+from vldeformer_jax import parallel
+from vldeformer_jax.model import init_params
+from vldeformer_jax.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Model-config fields an export's config takes from `config.model` (everything else, the sizes, comes from
+# the export). The input lengths always come from `config.data`.
+EXPORT_OVERRIDES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "pooling", "projection_dim",
+                    "dtype")
+MODEL_CONFIG_FILE = "model_config.json"
+VOCAB_FILE = "vocab.txt"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass
+class Data:
+  train: Any                 # random access: len(src), src[i] -> record dict
+  eval: Any | None
+  feature_dim: int
+  data_dir: str
+
+
+def data_dir_of(config, workdir: str) -> str:
+  return os.path.abspath(config.data.data_dir or os.path.join(workdir, "data"))
+
+
+def generate_demo(config, data_dir: str) -> None:
+  """Writes and prepares the demo dataset into `data_dir` unless it is already there."""
+  from vldeformer_jax.data import demo
+  kwargs = {}
+  if config.data.generate_num_train:
+    kwargs["num_train"] = int(config.data.generate_num_train)
+  if config.data.generate_num_test:
+    kwargs["num_test"] = int(config.data.generate_num_test)
+  if jax.process_index() == 0:
+    demo.prepare_demo(data_dir, seed=config.seed, name=config.data.name, **kwargs)
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+    multihost.sync_global_processes("vldeformer_demo_data")
+
+
+def open_data(config, workdir: str) -> Data:
+  from vldeformer_jax.data import prepare
+  data_dir = data_dir_of(config, workdir)
+  if config.data.generate:
+    generate_demo(config, data_dir)
+  train = prepare.load_split(data_dir, config.data.name, config.data.train_split)
+  eval_source = None
+  if config.train.eval_every >= 0 and config.data.eval_split:
+    eval_source = prepare.load_split(data_dir, config.data.name, config.data.eval_split)
+    if config.eval.max_images:
+      n = min(int(config.eval.max_images), len(eval_source))
+      eval_source = [eval_source[i] for i in range(n)]
+  if len(train) == 0:
+    raise ValueError(f"dataset {config.data.name!r} in {data_dir}: split {config.data.train_split!r} is empty")
+  feature_dim = int(np.asarray(train[0]["features"]).shape[-1])
+  log.info("data: %s/%s: %d training images, %s eval images, %d-d regions", data_dir, config.data.name,
+           len(train), len(eval_source) if eval_source is not None else "no", feature_dim)
+  return Data(train=train, eval=eval_source, feature_dim=feature_dim, data_dir=data_dir)
+
+
+def total_steps(config, num_train_images: int) -> int:
+  if config.train.num_steps:
+    return int(config.train.num_steps)
+  per_epoch = num_train_images // config.train.global_batch_size
+  if per_epoch < 1:
+    raise ValueError(f"train.global_batch_size {config.train.global_batch_size} exceeds the "
+                     f"{num_train_images} training images: not one full batch per epoch")
+  return int(config.train.num_epochs * per_epoch)
+
+
+def make_iterator(config, data: Data, vocab_file: str, workdir: str):
+  from vldeformer_jax.data import pipeline
+  tag_vocabulary = None
+  if config.data.negatives.num_per_pair:
+    from vldeformer_jax.data import negatives
+    cache = os.path.join(data.data_dir, f"{config.data.name}_{config.data.train_split}_tag_vocabulary.json")
+    tag_vocabulary = negatives.build_tag_vocabulary(data.train, cache_path=cache,
+                                                    progress=jax.process_index() == 0)
+  return pipeline.make_train_iterator(
+      data.train, tokenizer=inputs.load_tokenizer(vocab_file), global_batch_size=config.train.global_batch_size,
+      seed=config.seed, max_text_len=config.data.max_text_len, max_regions=config.data.max_regions,
+      feature_dim=data.feature_dim, num_captions_per_image=config.data.num_captions_per_image,
+      negatives_per_pair=config.data.negatives.num_per_pair, replace_ratio=config.data.negatives.replace_ratio,
+      worker_count=config.data.worker_count, prefetch=config.data.prefetch, tag_vocabulary=tag_vocabulary)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The init order.
+
+
+@dataclasses.dataclass
+class Init:
+  model_config: ModelConfig
+  vocab_file: str
+  export_path: str | None   # weights to load when there is no checkpoint to resume
+  description: str
+
+
+def _write_atomic_copy(src: str, dst: str) -> None:
+  tmp = dst + ".tmp"
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def model_config_from(config) -> tuple[ModelConfig, str | None, str]:
+  """(model config, export path or None, vocab file) the config asks for, before any resume."""
+  lengths = {"max_text_len": int(config.data.max_text_len), "max_regions": int(config.data.max_regions)}
+  if config.init_export:
+    from vldeformer_jax import export as export_lib
+    path = os.path.abspath(config.init_export)
+    export_lib.read_metadata(path)
+    mc = ModelConfig.from_json(os.path.join(path, export_lib.CONFIG_FILE), strict=True)
+    overrides = {k: config.model[k] for k in EXPORT_OVERRIDES if config.model[k] != getattr(mc, k)}
+    if overrides:
+      log.info("init_export %s: model config overrides from config.model: %s", path, overrides)
+    return mc.replace(**overrides, **lengths), path, os.path.join(path, export_lib.VOCAB_FILE)
+  mc = ModelConfig.from_dict(dict(config.model), strict=True, source="config.model").replace(**lengths)
+  return mc, None, inputs.BUNDLED_VOCAB
+
+
+def initial_model(config, workdir: str) -> Init:
+  """The model config and vocabulary of this run; a resumed run reuses the ones saved in `workdir`."""
+  saved_config = os.path.join(workdir, MODEL_CONFIG_FILE)
+  saved_vocab = os.path.join(workdir, VOCAB_FILE)
+  wanted, export_path, vocab = model_config_from(config)
+  if os.path.exists(saved_config) and os.path.exists(saved_vocab):
+    saved = ModelConfig.from_json(saved_config, strict=True)
+    if saved != wanted:
+      diff = {k: (v, getattr(wanted, k)) for k, v in saved.to_dict().items() if getattr(wanted, k) != v}
+      log.warning("%s differs from the config (saved, config): %s; the saved one is used", saved_config, diff)
+    return Init(saved, saved_vocab, export_path, f"model config from {saved_config}")
+  if jax.process_index() == 0:
+    tmp = saved_config + ".tmp"
+    wanted.to_json(tmp)
+    os.replace(tmp, saved_config)
+    _write_atomic_copy(vocab, saved_vocab)
+  desc = f"export {export_path}" if export_path else f"random init (seed {config.seed})"
+  return Init(wanted, saved_vocab if jax.process_index() == 0 else vocab, export_path, desc)
+
+
+def _put_sharded(tree, shardings):
+  """Host numpy tree -> global arrays with `shardings` (every process holds the same full values)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
+  """(state, data iterator state or None, start step), following the init order."""
+  from vldeformer_jax.train import TrainState, create_state, state_shardings  # noqa: F401 (cycle-free at call)
+  mc = init.model_config
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  log_t0 = float(math.log(config.loss.temperature))
+
+  def fresh(rng):
+    return create_state(init_params(mc, rng), jnp.float32(log_t0), tx)
+
+  abstract = jax.eval_shape(fresh, init_rng)
+  shardings = state_shardings(abstract, mesh, tx)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+
+  latest = ckpts.latest_step()
+  if latest is not None:
+    state, data_state, _ = ckpts.restore(latest, ckpt_lib.abstract_like(abstract, shardings))
+    log.info("init: resumed step %d from %s (%d parameters, optimiser state and data position restored)",
+             latest, ckpts.directory, n_params)
+    return state, data_state, latest
+
+  if init.export_path:
+    from vldeformer_jax import convert
+    from vldeformer_jax import export as export_lib
+    ex = export_lib.read_export(init.export_path)
+    initialised = jax.device_get(jax.jit(init_params, static_argnums=0)(mc, init_rng))
+    params = convert.merge_params(ex.params, initialised, allow_missing=tuple(config.init_allow_missing),
+                                  what=f"init_export {init.export_path}")
+    loaded = set(convert.flatten(ex.params))
+    fresh_keys = sorted(k for k in convert.flatten(initialised) if k not in loaded)
+    log.info("init: %d parameter tensors loaded from export %s (fingerprint %s); %d initialised fresh%s",
+             len(loaded), init.export_path, ex.fingerprint[:16], len(fresh_keys),
+             f": {', '.join(fresh_keys)}" if fresh_keys else "")
+    params = _put_sharded(params, shardings.params)
+    state = jax.jit(lambda p: create_state(p, jnp.float32(log_t0), tx), out_shardings=shardings)(params)
+    return state, None, 0
+
+  state = jax.jit(fresh, out_shardings=shardings)(init_rng)
+  log.info("init: random init of all %d parameters (seed %d); nothing loaded", n_params, config.seed)
+  return state, None, 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Evaluation and the export.
+
+
+class Evaluator:
+  """Retrieval R@1/5/10 on the held-out split with the current parameters (eval mode)."""
+
+  def __init__(self, config, data: Data, model_config: ModelConfig, vocab_file: str, mesh):
+    self.config, self.data, self.model_config, self.vocab_file, self.mesh = (
+        config, data, model_config, vocab_file, mesh)
+    self._warned = False
+
+  def run(self, params, step: int) -> dict | None:
+    if self.data.eval is None:
+      return None
+    try:
+      from vldeformer_jax.encoder import Encoder
+      from vldeformer_jax.retrieval.evaluate import evaluate
+    except ImportError as e:
+      if not self._warned:
+        log.warning("retrieval evaluation skipped: %s", e)
+        self._warned = True
+      return None
+    encoder = Encoder(self.model_config, params, inputs.load_tokenizer(self.vocab_file), mesh=self.mesh,
+                      batch_size=self.config.eval.batch_size)
+    results = evaluate(encoder, self.data.eval, protocol=self.config.eval.protocol,
+                       batch_size=self.config.eval.batch_size)
+    log.info("eval at step %d: %s", step, self.flat(results))
+    return results
+
+  @staticmethod
+  def flat(results: dict) -> dict[str, float]:
+    out = {}
+    for direction in ("i2t", "t2i"):
+      for k, v in (results.get(direction) or {}).items():
+        if isinstance(v, (int, float)):
+          out[f"{direction}_{k}"] = float(v)
+    if isinstance(results.get("rsum"), (int, float)):
+      out["rsum"] = float(results["rsum"])
+    return out
+
+  def score(self, results: dict) -> float:
+    name = self.config.eval.best_metric
+    flat = self.flat(results)
+    if name not in flat:
+      raise KeyError(f"config.eval.best_metric {name!r} is not in the evaluation results {sorted(flat)}")
+    return flat[name]
+
+
+def write_final_export(workdir: str, params, model_config: ModelConfig, init: Init, step: int, config) -> str:
+  from vldeformer_jax import export as export_lib
+  path = os.path.join(workdir, "export")
+  export_lib.write_export(
+      path, params, model_config, init.vocab_file,
+      metadata={"source": f"vldeformer_jax.train in {workdir}", "step": step, "objective": config.objective,
+                "init": init.description, "dataset": config.data.name},
+      overwrite=True)
+  return path
