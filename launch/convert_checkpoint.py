@@ -6,7 +6,6 @@ The checkpoint directory holds config.json (model sizes), vocab.txt and the weig
 pytorch_model.bin or model.cpkt). Every tensor is checked against the model; any missing, unexpected or
 mismatched key is named and the tool exits non-zero without writing anything.
 """
-import logging
 import sys
 
 from absl import app
@@ -28,7 +27,6 @@ _MAX_REGIONS = flags.DEFINE_integer("max_regions", None, "Override the number of
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
   overrides = {k: v for k, v in (("max_text_len", _MAX_TEXT_LEN.value), ("max_regions", _MAX_REGIONS.value))
                if v is not None}
   try:

@@ -29,6 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Our INFO lines (init summary, evaluation) stay; orbax's per-file chatter goes below WARNING.
+  logging.set_verbosity(logging.WARNING)
   import logging as py_logging
   py_logging.getLogger("vldeformer_jax").setLevel(py_logging.INFO)
   from vldeformer_jax import config_validation, parallel, train

@@ -20,6 +20,21 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermed
             max_regions=6)
 
 
+def tiny_params(cfg, seed):
+  """Random parameters of the right shapes without compiling init (jax.eval_shape + numpy): fast."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.PRNGKey(0))
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      return np.ones(x.shape, np.float32)
+    if name.endswith("['bias']"):
+      return np.zeros(x.shape, np.float32)
+    return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 def brute_topk(q, g, k):
   """Stable descending argsort of the full score matrix (ties by ascending index)."""
   s = np.asarray(q, np.float64) @ np.asarray(g, np.float64).T
@@ -114,8 +129,8 @@ def tiny(tmp_path_factory):
   from vldeformer_jax.data import demo
   d = tmp_path_factory.mktemp("index")
   cfg = ModelConfig(**TINY)
-  export.write_export(str(d / "export"), init_params(cfg, jax.random.PRNGKey(0)), cfg, inputs.BUNDLED_VOCAB)
-  export.write_export(str(d / "other"), init_params(cfg, jax.random.PRNGKey(1)), cfg, inputs.BUNDLED_VOCAB)
+  export.write_export(str(d / "export"), tiny_params(cfg, 0), cfg, inputs.BUNDLED_VOCAB)
+  export.write_export(str(d / "other"), tiny_params(cfg, 1), cfg, inputs.BUNDLED_VOCAB)
   name = demo.prepare_demo(str(d / "data"), seed=0, num_train=4, num_test=20)
   return d, name
 
@@ -130,9 +145,9 @@ def test_index_round_trip_matches_fresh_embeddings(tiny):
   index.build_index(enc, src, str(d / "cap_idx"), side="captions")
   assert meta["num"] == 20 and meta["fingerprint"] == enc.fingerprint
   # Fresh embeddings, computed independently of the index code.
-  img = enc.embed_images([np.asarray(r["features"]) for r in recs], [r["tags"] for r in recs], batch_size=5)
+  img = enc.embed_images([np.asarray(r["features"]) for r in recs], [r["tags"] for r in recs])
   caps = [c.decode() for r in recs for c in r["captions"]]
-  txt = enc.embed_texts(caps, batch_size=7)
+  txt = enc.embed_texts(caps)
   idx_img, idx_cap = index.Index.load(str(d / "img_idx")), index.Index.load(str(d / "cap_idx"))
   np.testing.assert_allclose(idx_img.embeddings, img, atol=1e-5)
   # text -> images (exact scan and compact scan + float re-scoring), image -> captions

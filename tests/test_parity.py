@@ -226,26 +226,29 @@ def test_minilm_parity(minilm):
                    attention_mask=t(x["attention_mask"]))
   seq, pooler = jax.jit(lambda p, *a: VLDeformer(enc.model_config).apply({"params": p}, *a, method=VLDeformer.encode))(
       enc.params, x["input_ids"], x["token_type_ids"], x["attention_mask"])
-  d = np.abs(np.asarray(seq) - out.last_hidden_state.numpy()); m = x["attention_mask"].astype(bool)
-  print("seq max abs diff real", d[m].max(), "pad", d[~m].max(), "max |h|", np.abs(np.asarray(seq)).max())
-  np.testing.assert_allclose(np.asarray(seq), out.last_hidden_state.numpy(), atol=TOL, rtol=TOL)
+  # Real tokens agree to ~2e-6; padded positions (their [PAD] states reach |h| ~ 5) to ~1.1e-5 absolute,
+  # i.e. 3e-6 relative float32 round-off: real positions within 1e-5 absolute, all within 1e-5 abs + rel.
+  seq, want_seq = np.asarray(seq), out.last_hidden_state.numpy()
+  real = x["attention_mask"].astype(bool)
+  np.testing.assert_allclose(seq[real], want_seq[real], atol=TOL, rtol=0)
+  np.testing.assert_allclose(seq, want_seq, atol=TOL, rtol=TOL)
   np.testing.assert_allclose(np.asarray(pooler), out.pooler_output.numpy(), atol=TOL, rtol=0)
   want = torch.tanh(out.last_hidden_state.mean(1)).numpy()
   np.testing.assert_allclose(enc.pooled(x["input_ids"], x["token_type_ids"], x["attention_mask"]), want,
                              atol=TOL, rtol=0)
 
 
-def test_bfloat16_against_float32(converted, minilm):
-  """bf16 compute (float32 parameters) on the real MiniLM weights. Measured on this machine: cosine >=
-  0.9997 and max |diff| of the raw pooled embedding about 5e-3; asserted with margin."""
-  enc, _, texts, x = minilm
-  bf = Encoder.load(converted["minilm"], dtype="bfloat16", batch_size=8)
-  assert bf.model_config.dtype == "bfloat16" and enc.model_config.dtype == "float32"
-  e32, e16 = enc.embed_texts(texts * 3), bf.embed_texts(texts * 3)
-  assert e16.dtype == np.float32
-  cos = np.sum(e32 * e16, axis=1)
-  assert cos.min() > 0.999, cos
-  p32 = enc.pooled(x["input_ids"], x["token_type_ids"], x["attention_mask"])
-  p16 = bf.pooled(x["input_ids"], x["token_type_ids"], x["attention_mask"])
+def test_bfloat16_against_float32(minilm):
+  """bf16 compute (float32 parameters) on the real MiniLM weights, same inputs as the float32 parity test.
+  Measured here: min cosine of the pooled embeddings 0.99997, max |diff| of the raw pooled values 7.9e-3
+  (values up to 0.99); asserted with margin: cosine > 0.999, max |diff| < 0.02."""
+  enc, _, _, x = minilm
+  bf = Encoder(enc.model_config.replace(dtype="bfloat16"), enc.params, enc.tokenizer, batch_size=8)
+  args = (x["input_ids"], x["token_type_ids"], x["attention_mask"])
+  p32, p16 = enc.pooled(*args), bf.pooled(*args)
+  assert p16.dtype == np.float32
+  cos = np.sum(p32 * p16, axis=1) / np.linalg.norm(p32, axis=1) / np.linalg.norm(p16, axis=1)
   diff = np.abs(p32 - p16).max()
+  print(f"bf16 vs float32: min cosine {cos.min():.6f}, max |diff| {diff:.2e}, max |pooled| {np.abs(p32).max():.2f}")
+  assert cos.min() > 0.999, cos
   assert 0 < diff < 0.02, diff  # non-zero: the bf16 path really computes in bf16

@@ -126,9 +126,11 @@ def test_cli_round_trip_is_exact_and_keeps_key_order(tmp_path):
   assert prepare.read_metadata(out, "roundtrip")["feature_dim"] == F
 
 
-def test_json_captions_small_shards_and_inferred_feature_dim(tmp_path):
+def test_json_captions_no_key_file_small_shards_and_inferred_feature_dim(tmp_path):
   train, test, images = _make_source(seed=3, feature_dim=7)
   cap_dir, feat_dir, order = _write_vinvl(str(tmp_path / "src"), train, test, images, captions_ext=".json")
+  os.remove(os.path.join(cap_dir, "test_img_keys.tsv"))
+  order["test"] = test  # without a key file: the captions file's order
   out = str(tmp_path / "tfds")
   prepare.prepare_vinvl(cap_dir, feat_dir, "small_shards", out, shard_bytes=1)  # one example per shard
   info = tfds.builder("small_shards", data_dir=out).info
@@ -255,3 +257,14 @@ def test_stale_imageid2idx_is_caught(tmp_path):
     json.dump(id2idx, f)
   with pytest.raises(vinvl.VinvlFormatError, match=f"holds image {b}, but .*imageid2idx.json maps image {a}"):
     prepare.prepare_vinvl(cap_dir, feat_dir, "bad", str(tmp_path / "tfds"))
+
+
+def test_key_file_image_without_captions_is_named(tmp_path):
+  train, test, images = _make_source(seed=9, feature_dim=6)
+  cap_dir, feat_dir, _ = _write_vinvl(str(tmp_path / "src"), train, test, images)
+  path = os.path.join(cap_dir, "test_img_keys_1k.tsv")
+  with open(path, "a") as f:
+    f.write(f"{train[0]}\n")  # a training image: not in test_captions.pt
+  with pytest.raises(vinvl.VinvlFormatError, match=f"test_img_keys_1k.tsv line 5: image {train[0]} has no captions"):
+    prepare.prepare_vinvl(cap_dir, feat_dir, "bad", str(tmp_path / "tfds"))
+  assert not os.path.exists(tmp_path / "tfds")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 
@@ -45,6 +46,17 @@ def _mesh_errors(config, device_count: int) -> tuple[list[str], int | None]:
   elif known != device_count:
     return [f"config.mesh: sizes {sizes} multiply to {known}, but there are {device_count} devices"], None
   return [], sizes["data"] * sizes["fsdp"]
+
+
+def _model_error(message: str) -> str:
+  """ModelConfig's messages, re-addressed to the config field: "config.model.<field>: ..." when known."""
+  m = re.match(r"model config field '(\w+)' (.*)", message)
+  if m:
+    return f"config.model.{m.group(1)}: {m.group(2)}"
+  for prefix in ("model config: ", "config.model: "):
+    if message.startswith(prefix):
+      message = message[len(prefix):]
+  return f"config.model: {message}"
 
 
 def _dataset_errors(config) -> list[str]:
@@ -109,7 +121,7 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
     ModelConfig.from_dict(dict(config.model), strict=True, source="config.model").replace(
         max_text_len=int(d.max_text_len), max_regions=int(d.max_regions))
   except (ValueError, TypeError) as e:
-    errors.append(str(e) if str(e).startswith("config.model") else f"config.model: {e}")
+    errors.append(_model_error(str(e)))
 
   mesh_errors, batch_shards = _mesh_errors(config, device_count)
   errors.extend(mesh_errors)

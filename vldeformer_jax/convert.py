@@ -19,7 +19,9 @@ torch is imported only to read `.bin` / `.cpkt` files; safetensors files are rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -70,7 +72,7 @@ class ParamDiff:
 def flatten(tree: Mapping) -> dict[str, Any]:
   """{"a": {"b": x}} -> {"a/b": x}."""
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for path, leaf in jax.tree.flatten_with_path(tree)[0]:
     out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
   return out
 
@@ -276,6 +278,12 @@ def torch_key(path: str) -> str:
   return re.sub(r"/(kernel|scale|embedding)$", ".weight", path).replace("/", ".")
 
 
+@functools.lru_cache(maxsize=8)
+def expected_shapes(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """{Flax path: ShapeDtypeStruct} of the initialised model, traced once per config (no arrays)."""
+  return flatten(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+
+
 def to_state_dict(params) -> dict[str, np.ndarray]:
   """The inverse rule table: a Flax tree -> a PyTorch state dict in the Oscar key layout (`bert.*`,
   `classifier.*`, `cls.predictions.*`; the tied MLM decoder is not written). For PyTorch consumers and
@@ -304,6 +312,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ModelConfig
   for key in sorted(sd):
     value = np.asarray(sd[key])
     if BUFFER_KEYS.search(key):
+      report.dropped.append(f"{key} (buffer)")
       continue
     if DROPPED_HEADS.match(key):
       report.dropped.append(key)
@@ -319,7 +328,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ModelConfig
       value = value.T
     flat[path] = np.ascontiguousarray(value)
     origin[path] = key
-  expected = flatten(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+  expected = expected_shapes(config)
   d = diff_params(flat, expected)
   may_miss = HEAD_PATHS + (() if has_regions else REGION_PATHS) + tuple(allow_missing)
   problems = []
@@ -339,12 +348,24 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ModelConfig
   report.converted = len(flat)
   report.fresh = list(d.missing)
   if d.missing:
-    initialised = init_params(config, jax.random.PRNGKey(seed))
+    initialised = {k: fresh_param(k, v.shape, config, seed) if k in d.missing else v for k, v in expected.items()}
     params = merge_params(flat, initialised, allow_missing=[re.escape(k) for k in d.missing], what=source)
   else:
     params = merge_params(flat, expected, what=source)
-  params = jax.tree.map(np.asarray, params)
   return params, report
+
+
+def fresh_param(path: str, shape, config: ModelConfig, seed: int) -> np.ndarray:
+  """BERT's initialisation (the same as model.py's initialisers), in numpy so that conversion compiles
+  nothing: kernels and embeddings ~ N(0, initializer_range), LayerNorm scales 1, biases 0. Seeded per path."""
+  if path.endswith(("/kernel", "/embedding")):
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "little")])
+    return (rng.standard_normal(shape, dtype=np.float32) * config.initializer_range).astype(np.float32)
+  if path.endswith("/scale"):
+    return np.ones(shape, np.float32)
+  if path.endswith("/bias"):
+    return np.zeros(shape, np.float32)
+  raise ConversionError(f"no initialiser rule for the missing parameter {path}")
 
 
 def convert_checkpoint(src_dir: str, output: str, *, overwrite: bool = False, allow_missing: Iterable[str] = (),

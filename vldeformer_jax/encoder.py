@@ -127,7 +127,7 @@ class Encoder:
             v = np.concatenate([v, np.zeros((bs - len(v),) + v.shape[1:], v.dtype)])
           part[k] = v
         chunk.append(self._put(part))
-      out = np.asarray(fn(self.params, *chunk), np.float32)
+      out = export_lib.host_array(fn(self.params, *chunk)).astype(np.float32)  # gathers a multi-host mesh
       outs.append(out[:min(bs, n - start)])
     return np.concatenate(outs) if outs else np.zeros((0,) + out_tail, np.float32)
 

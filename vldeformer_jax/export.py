@@ -59,7 +59,7 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _host(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
   """A leaf as host numpy; arrays sharded over several processes are gathered first."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # the only API that gathers across processes
@@ -69,10 +69,10 @@ def _host(x) -> np.ndarray:
 
 def export_fingerprint(params) -> str:
   """sha256 over the sorted parameter paths, each with its dtype, shape and little-endian bytes."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves = jax.tree.flatten_with_path(params)[0]
   h = hashlib.sha256()
   for name, leaf in sorted((_path_str(p), leaf) for p, leaf in leaves):
-    a = _host(leaf)
+    a = host_array(leaf)
     a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a)
     h.update(f"{name}\0{a.dtype.name}\0{a.shape}\0".encode())
     h.update(a.tobytes())

@@ -30,7 +30,7 @@ pass; the result is the same loss and the same gradients.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +230,14 @@ def sharded_contrastive_loss(mesh: Mesh, **loss_kwargs) -> Callable[..., tuple[A
   `loss_kwargs` are the other keyword arguments of `contrastive_loss` (name, beta, tau_plus, margin,
   chunk_size). The result (loss, metrics) is replicated; `jax.grad` through it is the full-batch
   gradient.
+
+      loss_fn = sharded_contrastive_loss(mesh, name=cfg.loss.name, chunk_size=cfg.loss.chunk_size)
+      def objective(params):                    # inside the jitted train step
+        t = embed(params, texts)                # [G, D], batch-sharded by jit
+        v = embed(params, images)
+        nv = embed(params, neg_images_flat).reshape(G, K, -1)
+        return loss_fn(t, v, None, nv, temps=(tau, tau))   # (loss, metrics)
+      (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
   """
   bad = {"axis_name", "temperature_t2i", "temperature_i2t"} & set(loss_kwargs)
   if bad:

@@ -22,6 +22,11 @@ def _scalar(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
+def _tb_name(name: str) -> str:
+  """TensorBoard tag characters: 'i2t_R@1' -> 'i2t_R_at_1' (tensorboardX would rename it with a warning)."""
+  return name.replace("@", "_at_")
+
+
 class MetricWriter:
   """Appends metrics to `workdir/metrics.jsonl` and to TensorBoard events under `workdir/tensorboard`."""
 
@@ -46,7 +51,7 @@ class MetricWriter:
     for k, v in record.items():
       if k in ("step", "split") or not isinstance(v, (int, float)):
         continue
-      self._tb.add_scalar(f"{split}/{k}", v, step)
+      self._tb.add_scalar(f"{split}/{_tb_name(k)}", v, step)
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:

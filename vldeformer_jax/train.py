@@ -243,7 +243,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   from tqdm import tqdm
   bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not primary,
              dynamic_ncols=True)
-  window, t_window = [], time.perf_counter()
+  window, t_window, timed_steps, first_step_seconds = [], time.perf_counter(), 0, 0.0
   try:
     for step in range(start_step + 1, total_steps + 1):
       local = {k: v for k, v in next(iterator).items() if k != "image_id"}
@@ -253,15 +253,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       _finite_or_raise(step, metrics, ckpts)
       window.append(metrics)
       bar.update(1)
+      if step == start_step + 1:  # the first step of a process includes compiling: timed on its own
+        first_step_seconds = time.perf_counter() - t_window
+        t_window, timed_steps = time.perf_counter(), 0
+      else:
+        timed_steps += 1
       if step % config.train.log_every == 0 or step == total_steps:
-        elapsed = time.perf_counter() - t_window
         mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        mean["examples_per_sec"] = len(window) * config.train.global_batch_size / max(elapsed, 1e-9)
         mean["learning_rate"] = float(window[-1]["learning_rate"])
+        if timed_steps:
+          elapsed = time.perf_counter() - t_window
+          mean["examples_per_sec"] = timed_steps * config.train.global_batch_size / max(elapsed, 1e-9)
+        else:
+          mean["first_step_seconds"] = first_step_seconds  # compile + one step
         writer.write(step, mean)
         bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{mean['learning_rate']:.2e}",
-                        ex_s=f"{mean['examples_per_sec']:.1f}")
-        window, t_window = [], time.perf_counter()
+                        ex_s=f"{mean.get('examples_per_sec', 0.0):.1f}")
+        window, t_window, timed_steps = [], time.perf_counter(), 0
       if step % config.train.checkpoint_every == 0 or step == total_steps:
         ckpts.save(step, state, iterator.get_state(), {"model_config": model_config.to_dict()})
       every = config.train.eval_every
@@ -271,7 +279,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           writer.write(step, evaluator.flat(results), split="eval")
           best.update(step, evaluator.score(results), state, {"results": results})
           summary["eval"] = results
-        t_window = time.perf_counter()
+        t_window, timed_steps = time.perf_counter(), 0
     bar.close()
     ckpts.wait()
     final_step = int(jax.device_get(state.step))

@@ -178,16 +178,29 @@ def _put_sharded(tree, shardings):
   return jax.tree.map(put, tree, shardings)
 
 
+def _fresh_state_fn(model_config: ModelConfig, log_t0: float, tx):
+  from vldeformer_jax.train import create_state
+
+  def fresh(rng):
+    return create_state(init_params(model_config, rng), jnp.float32(log_t0), tx)
+  return fresh
+
+
+def abstract_state(model_config: ModelConfig, tx, mesh, log_temperature: float = 0.0):
+  """The train state's ShapeDtypeStructs carrying their shardings on `mesh`: the target to restore a
+  checkpoint onto any mesh (e.g. one written on 8 devices, restored on 1)."""
+  from vldeformer_jax.train import state_shardings
+  abstract = jax.eval_shape(_fresh_state_fn(model_config, log_temperature, tx), jax.random.key(0))
+  return ckpt_lib.abstract_like(abstract, state_shardings(abstract, mesh, tx))
+
+
 def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
   """(state, data iterator state or None, start step), following the init order."""
-  from vldeformer_jax.train import TrainState, create_state, state_shardings  # noqa: F401 (cycle-free at call)
+  from vldeformer_jax.train import create_state, state_shardings
   mc = init.model_config
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   log_t0 = float(math.log(config.loss.temperature))
-
-  def fresh(rng):
-    return create_state(init_params(mc, rng), jnp.float32(log_t0), tx)
-
+  fresh = _fresh_state_fn(mc, log_t0, tx)
   abstract = jax.eval_shape(fresh, init_rng)
   shardings = state_shardings(abstract, mesh, tx)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))

@@ -18,6 +18,7 @@ process count or worker count.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterator
 
 import grain
@@ -30,6 +31,7 @@ STATE_FORMAT = "vldeformer_jax.train_iterator"
 _MAX_STEPS = 2 ** 62  # "infinite": a lazy grain range over step numbers
 # Separate random streams derived from the one seed: SeedSequence([seed, stream, epoch, image]).
 _STREAM_PERMUTATION, _STREAM_CAPTION, _STREAM_NEGATIVES = 1, 2, 3
+_TOKENIZER_LOCK = threading.Lock()  # see BatchBuilder._tokenize
 
 
 def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
@@ -98,9 +100,20 @@ class BatchBuilder:
     return state
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if self._permutation_cache is None or self._permutation_cache[0] != epoch:
-      self._permutation_cache = (epoch, epoch_permutation(self.seed, epoch, self.num_images))
-    return self._permutation_cache[1]
+    cache = self._permutation_cache  # one read: prefetch threads may replace it concurrently
+    if cache is None or cache[0] != epoch:
+      cache = (epoch, epoch_permutation(self.seed, epoch, self.num_images))
+      self._permutation_cache = cache
+    return cache[1]
+
+  def _tokenize(self, captions, features, tags) -> tuple[dict, dict]:
+    """text_inputs and image_inputs, one thread at a time: HF fast tokenizers keep per-call state in one
+    Rust object and may raise "Already borrowed" when prefetch threads share it (huggingface/tokenizers#537)."""
+    with _TOKENIZER_LOCK:
+      text = inputs.text_inputs(self.tokenizer, captions, self.max_text_len)
+      image = inputs.image_inputs(self.tokenizer, features, tags, self.max_text_len, self.max_regions,
+                                  self.feature_dim)
+    return text, image
 
   def image_indices(self, step: int) -> tuple[int, np.ndarray]:
     """(epoch, this process's source indices for global step `step`)."""
@@ -131,9 +144,7 @@ class BatchBuilder:
     epoch, indices = self.image_indices(step)
     records = [self._record(i) for i in indices]
     captions = [self._caption(r, i, epoch) for r, i in zip(records, indices)]
-    text = inputs.text_inputs(self.tokenizer, captions, self.max_text_len)
-    image = inputs.image_inputs(self.tokenizer, [r["features"] for r in records], [r["tags"] for r in records],
-                                self.max_text_len, self.max_regions, self.feature_dim)
+    text, image = self._tokenize(captions, [r["features"] for r in records], [r["tags"] for r in records])
     batch = {f"text_{k}": v for k, v in text.items()}
     batch.update({f"image_{k}": v for k, v in image.items()})
     batch["image_id"] = np.array([r["image_id"] for r in records], np.int64)
@@ -154,9 +165,7 @@ class BatchBuilder:
                                                    other["tags"], rng)
         neg_features.append(feats)
         neg_tags.append(tags)
-    text = inputs.text_inputs(self.tokenizer, neg_captions, self.max_text_len)
-    image = inputs.image_inputs(self.tokenizer, neg_features, neg_tags, self.max_text_len, self.max_regions,
-                                self.feature_dim)
+    text, image = self._tokenize(neg_captions, neg_features, neg_tags)
     b = len(records)
     out = {f"neg_text_{key}": v.reshape((b, k) + v.shape[1:]) for key, v in text.items()}
     out.update({f"neg_image_{key}": v.reshape((b, k) + v.shape[1:]) for key, v in image.items()})
@@ -223,6 +232,8 @@ class TrainIterator(Iterator[dict]):
     if self._iterator is None:
       self._iterator = self._make_iterator()
     batch = next(self._iterator)
+    if self.worker_count:  # detach from grain's shared-memory blocks so they are freed now
+      batch = {k: np.array(v, copy=True) for k, v in batch.items()}
     self._step += 1
     return batch
 

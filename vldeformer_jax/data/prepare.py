@@ -74,18 +74,14 @@ def plan_splits(captions_dir: str, splits: Sequence[str] = ("train", "test")) ->
                               f"in {captions_dir}")
     captions = vinvl.load_captions(path)
     log.info("%s: %d images, %d captions", path, len(captions), sum(map(len, captions.values())))
-    derived = {split: None}
-    if split == "test":
-      derived["test_1k"] = None
-    for out_name in derived:
+    for out_name in [split] + (["test_1k"] if split == "test" else []):
       key_file = os.path.join(captions_dir, KEY_FILES[out_name]) if out_name in KEY_FILES else None
       if key_file and os.path.isfile(key_file):
-        ids = vinvl.load_image_keys(key_file)
-        for k, image_id in enumerate(ids):
+        keyed = vinvl.load_image_keys(key_file, with_lines=True)
+        for line, image_id in keyed:
           if image_id not in captions:
-            raise vinvl.VinvlFormatError(
-                f"{key_file} key {k + 1}: image {image_id} has no captions in {path}")
-        plans.append(SplitPlan(out_name, ids, captions, path, key_file))
+            raise vinvl.VinvlFormatError(f"{key_file} line {line}: image {image_id} has no captions in {path}")
+        plans.append(SplitPlan(out_name, [i for _, i in keyed], captions, path, key_file))
       elif out_name == split:
         plans.append(SplitPlan(out_name, list(captions), captions, path, path))
   return plans
@@ -97,10 +93,12 @@ def dataset_dir(data_dir: str, name: str, version: str = VERSION) -> str:
 
 def read_metadata(data_dir: str, name: str, version: str = VERSION) -> dict | None:
   """The metadata a prepared dataset was written with (feature dim, sizes, sources), or None if absent."""
-  path = os.path.join(dataset_dir(data_dir, name, version), METADATA_FILE)
-  if not os.path.isfile(os.path.join(dataset_dir(data_dir, name, version), "dataset_info.json")):
+  root = dataset_dir(data_dir, name, version)
+  if not os.path.isfile(os.path.join(root, "dataset_info.json")):
     return None
-  with open(path, encoding="utf-8") as f:
+  if not os.path.isfile(os.path.join(root, METADATA_FILE)):
+    return {}  # prepared by something else
+  with open(os.path.join(root, METADATA_FILE), encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -214,6 +212,11 @@ def _replace_dir(tmp: str, final: str) -> None:
   if os.path.exists(final):
     old = f"{os.path.dirname(final)}/.old-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}"
     os.rename(final, old)
-  os.rename(tmp, final)
+  try:
+    os.rename(tmp, final)
+  except OSError:
+    if old:
+      os.rename(old, final)  # put the previous dataset back
+    raise
   if old:
     shutil.rmtree(old, ignore_errors=True)

@@ -241,7 +241,11 @@ class VinvlFeatures:
     self.imageid2idx_path = os.path.join(features_dir, IMAGEID2IDX)
     self.id2row = load_imageid2idx(self.imageid2idx_path)
     self.features = TsvFile(os.path.join(features_dir, FEATURES_TSV))
-    self.predictions = TsvFile(os.path.join(features_dir, PREDICTIONS_TSV))
+    try:
+      self.predictions = TsvFile(os.path.join(features_dir, PREDICTIONS_TSV))
+    except BaseException:
+      self.features.close()
+      raise
     self.feature_dim = feature_dim
     self._pred_index: dict[int, int] | None = None  # image id -> predictions row, when not row-aligned
 
@@ -353,8 +357,8 @@ def load_captions(path: str) -> dict[int, list[str]]:
   return _normalise_captions(raw, path)
 
 
-def load_image_keys(path: str) -> list[int]:
-  """Image ids of a `*_img_keys*.tsv`, one per line, order kept."""
+def load_image_keys(path: str, with_lines: bool = False) -> list:
+  """Image ids of a `*_img_keys*.tsv`, one per line, order kept; (line, id) pairs if `with_lines`."""
   keys, seen = [], set()
   with open(path, "rb") as f:
     for i, line in enumerate(f, 1):
@@ -365,5 +369,5 @@ def load_image_keys(path: str) -> list[int]:
       if image_id in seen:
         raise VinvlFormatError(f"{path} line {i}: image {image_id} is listed twice")
       seen.add(image_id)
-      keys.append(image_id)
+      keys.append((i, image_id) if with_lines else image_id)
   return keys

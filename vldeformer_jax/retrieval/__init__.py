@@ -1,0 +1,12 @@
+"""Cross-modal retrieval: metrics and protocols, evaluation, exact/compact search, a persistent index,
+and the decomposed-vs-early-interaction speed comparison.
+
+  metrics.py    ranks, R@K, medr, rsum, mAP@R from one similarity matrix; COCO 5K / 1K / Flickr 1K
+  evaluate.py   evaluate(encoder, split) / evaluate_cross_encoder / re-ranking; run_evaluation (CLI)
+  search.py     exact_topk / search_codes: chunked, blocked, device-sharded top-k in JAX; int8 / 1-bit codes
+  index.py      build, store (atomically, with the export fingerprint) and query an embedding index
+  timing.py     compare(...): full retrieval time of both models, at COCO-5K size, against gallery size
+
+Submodules are imported on use (`from vldeformer_jax.retrieval import evaluate`), so importing the
+package stays cheap.
+"""

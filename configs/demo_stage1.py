@@ -1,0 +1,36 @@
+"""Stage 1 on the demo dataset: train the VL transformer with early interaction (ITM + MLM).
+
+The model that `configs/demo.py` (stage 2) then decomposes: the same sizes (4 layers, 128 wide, 24 caption
+/ 24 tag tokens, 10 regions), trained as a one-stream cross-encoder on `[CLS] caption [SEP] tags [SEP]` +
+regions (spec 11.4a). Each positive pair is matched against one random other image and one random other
+caption of the global batch and against the pipeline's composed bi-modal hard negative (a caption with
+object words replaced, an image with mixed regions and tags), plus masked-language modelling of the
+positives' caption and tag tokens. `launch/demo.py` runs it as the first stage of the whole demo:
+
+  python launch/train.py --config=configs/demo_stage1.py --workdir=runs/demo/stage1
+
+`arg`: '' (random batch negatives) or 'hard' (the hardest of 4 random candidates by the current model's
+match score, spec: vldeformer_jax/early_interaction.py).
+"""
+from configs import demo
+
+
+def get_config(arg=None):
+  c = demo.get_config("negatives")  # same model, data and lengths as stage 2; composed negatives on
+  c.objective = "early_interaction"
+  c.init_export = ""
+  c.train.global_batch_size = 32
+  c.train.num_steps = 600
+  c.train.learning_rate = 5e-4
+  c.train.warmup_steps = 50
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.train.eval_every = -1  # decomposed retrieval says nothing about a cross-encoder; launch/demo.py evaluates
+  c.loss.mlm_weight = 1.0
+  c.early_interaction.negatives = "hard_match" if arg == "hard" else "random"
+  c.early_interaction.num_negatives = 1
+  c.early_interaction.hard_candidates = 4
+  c.early_interaction.composed_negatives = True
+  c.early_interaction.mlm_probability = 0.15
+  c.early_interaction.max_predictions = 8
+  return c

@@ -1,0 +1,79 @@
+"""The whole demo on tiny sizes: data, stage 1, stage 2, an ablation, evaluation, timing, report; then a
+second run that reuses everything."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs.*`
+
+from configs import tiny  # noqa: E402
+from vldeformer_jax import demo, report  # noqa: E402
+
+
+def tiny_configs():
+  s1 = tiny.get_config("early_interaction")
+  s2 = tiny.get_config()
+  s2.data.negatives.num_per_pair = 1
+  for c in (s1, s2):
+    c.data.generate_num_train = 32
+    c.data.generate_num_test = 12
+    c.train.global_batch_size = 8
+    c.train.num_steps = 3
+    c.train.log_every = 1
+    c.train.checkpoint_every = 3
+    c.train.async_checkpoints = False
+  return s1, s2
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  plan = demo.DemoPlan(cross_max_images=4, eval_batch_size=16, ablations=("ablation_random",),
+                       gallery_sizes=(4, 50, 5000), progress=False)
+  s1, s2 = tiny_configs()
+  out = demo.run_demo(workdir, s1, s2, plan)
+  return workdir, plan, out
+
+
+def test_report_holds_the_comparison(demo_run):
+  workdir, plan, out = demo_run
+  for name in ("report.json", "report.md", "curves.png", "recall.png", "timing.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "report.json")) as f:
+    rep = json.load(f)
+  assert rep == json.loads(json.dumps(out))
+  cross, dec = rep["cross_encoder"], rep["decomposed"]
+  assert cross["model"] == "cross_encoder" and dec["model"] == "decomposed"
+  # Both on the same subset: the first 4 test images and their 5 captions each.
+  assert (cross["num_images"], cross["num_captions"]) == (4, 20) == (dec["num_images"], dec["num_captions"])
+  assert rep["decomposed_full_split"]["num_images"] == 12
+  six = lambda m: [m[d][k] for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")]  # noqa: E731
+  assert rep["avg_recall_drop"] == pytest.approx(sum(six(cross)) / 6 - sum(six(dec)) / 6)
+  # Recall at 10 over 4 images (and over 20 captions for images) is always 100%.
+  assert cross["t2i"]["R@10"] == 100.0 and dec["t2i"]["R@10"] == 100.0
+  t = rep["timing"]
+  last = t["curve"][-1]
+  assert rep["speedup_gallery"] == "5000 images x 25000 captions"
+  assert rep["speedup"] == pytest.approx(last["cross_encoder_s"] / last["decomposed_s"])
+  assert last["cross_encoder_s"] == pytest.approx(5000 * 25000 * t["cross_encoder_s_per_pair"])
+  assert t["cross_encoder_timed_pairs"] == 4 * 20
+  assert [r["cross_encoder_extrapolated"] for r in t["curve"]] == [False, True, True]
+  assert set(rep["ablations"]) == {"stage1_no_decomposition", "stage2", "ablation_random"}
+  assert rep["ablations"]["stage2"]["avg_recall_subset"] == pytest.approx(report.avg_recall(dec))
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert "extrapolated" in md and "first 4 images" in md
+
+
+def test_second_run_reuses_every_stage(demo_run):
+  workdir, plan, out = demo_run
+  exports = {r: os.path.getmtime(os.path.join(workdir, r, "export", "export.json"))
+             for r in ("stage1", "stage2", "ablation_random")}
+  s1, s2 = tiny_configs()
+  s1.train.num_steps = -1  # would be rejected if training ran again
+  again = demo.run_demo(workdir, s1, s2, plan)
+  assert again["avg_recall_drop"] == out["avg_recall_drop"]
+  assert again["cross_encoder"] == out["cross_encoder"]
+  for r, t in exports.items():
+    assert os.path.getmtime(os.path.join(workdir, r, "export", "export.json")) == t, r
