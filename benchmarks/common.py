@@ -87,6 +87,18 @@ def emit(result: dict[str, Any]) -> None:
   print(json.dumps(result, default=float), flush=True)
 
 
+def write_json_atomic(path: str, obj: Any) -> None:
+  """JSON to `path` via a temporary sibling and a rename."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def machine() -> dict[str, Any]:
   """CPU model, cores, memory, OS, Python and library versions, and the environment knobs that matter."""
   info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}

@@ -7,7 +7,8 @@ arrays (`global_batch`), computes the sharded loss and its gradients, and writes
 `<out>/<loss>_process_<id>.npz` (written to a temporary name, then renamed). The test compares the two files
 with the same computation on 1 process x 8 devices.
 
-    python tests/multiprocess_loss_worker.py --port 12345 --process_id 0 --num_processes 2 --losses infonce,hardness --out DIR
+    python tests/multiprocess_loss_worker.py --port 12345 --process_id 0 --num_processes 2 \
+        --losses infonce,hardness --out DIR
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
 from vldeformer_jax import convert
 from vldeformer_jax import export
@@ -45,8 +46,10 @@ def assert_trees_equal(a, b):
 
 def write_checkpoint(path, state_dict, config=CFG, weights="pytorch_model.bin"):
   os.makedirs(path, exist_ok=True)
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
-             os.path.join(path, weights))
+  if weights.endswith(".safetensors"):  # the CLI then never imports torch: cheaper subprocesses
+    save_file({k: np.array(v) for k, v in state_dict.items()}, os.path.join(path, weights))
+  else:
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, os.path.join(path, weights))
   hf = {k: v for k, v in config.to_dict().items() if k not in ("max_text_len", "max_regions", "dtype", "pooling")}
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({**hf, "hidden_act": "gelu", "model_type": "bert"}, f)
@@ -197,20 +200,22 @@ def test_read_export_errors(params, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_failures(params, tmp_path_factory):
-  """The converter CLI on five broken checkpoints, run as parallel subprocesses."""
+  """The converter CLI on five broken checkpoints, run as parallel subprocesses (safetensors, and one
+  truncated pytorch_model.bin)."""
   root = tmp_path_factory.mktemp("cli")
   good = convert.to_state_dict(params)
+  st = "model.safetensors"
   cases = {}
   sd = dict(good)
   del sd["bert.encoder.layer.1.output.dense.weight"]
-  cases["missing"] = write_checkpoint(root / "missing", sd)
+  cases["missing"] = write_checkpoint(root / "missing", sd, weights=st)
   sd = dict(good)
   sd["bert.encoder.layer.2.attention.self.query.weight"] = np.zeros((32, 32), np.float32)
-  cases["unexpected"] = write_checkpoint(root / "unexpected", sd)
+  cases["unexpected"] = write_checkpoint(root / "unexpected", sd, weights=st)
   sd = dict(good)
   sd["bert.img_embedding.weight"] = np.zeros((32, 7), np.float32)
-  cases["shape"] = write_checkpoint(root / "shape", sd)
-  cases["no_config"] = write_checkpoint(root / "no_config", good)
+  cases["shape"] = write_checkpoint(root / "shape", sd, weights=st)
+  cases["no_config"] = write_checkpoint(root / "no_config", good, weights=st)
   os.remove(os.path.join(cases["no_config"], "config.json"))
   cases["corrupt"] = write_checkpoint(root / "corrupt", good)
   weights = os.path.join(cases["corrupt"], "pytorch_model.bin")
@@ -258,3 +263,17 @@ def test_convert_checkpoint_writes_export_and_refuses_overwrite(params, tmp_path
   assert ex.model_config == CFG and ex.metadata["layout"] == "oscar" and ex.metadata["source"] == src
   with pytest.raises(convert.ConversionError, match="output already exists"):
     convert.convert_checkpoint(src, out)
+
+
+def test_corrupt_safetensors_and_missing_vocab(params, tmp_path):
+  src = write_checkpoint(tmp_path / "src", convert.to_state_dict(params), weights="model.safetensors")
+  weights = os.path.join(src, "model.safetensors")
+  np.testing.assert_array_equal(convert.load_state_dict(src)[0]["classifier.bias"], params["classifier"]["bias"])
+  data = open(weights, "rb").read()
+  open(weights, "wb").write(data[:-100])
+  with pytest.raises(convert.ConversionError, match=r"model.safetensors: cannot read the weights file"):
+    convert.convert_checkpoint(src, str(tmp_path / "out"))
+  os.remove(os.path.join(src, "vocab.txt"))
+  with pytest.raises(convert.ConversionError, match="no vocab.txt"):
+    convert.convert_checkpoint(src, str(tmp_path / "out"))
+  assert sorted(os.listdir(tmp_path)) == ["src"]

@@ -125,7 +125,7 @@ def test_cross_encoder_and_reranking_equal_brute_force(setup):
                             CFG.img_feature_dim)
     for j, c in enumerate(caps):
       ref[i, j] = float(score(enc.params, inputs.pack_pairs(inputs.text_inputs(tok, [c], CFG.max_text_len), x))[0])
-  got_scores, _ = evaluate.cross_encoder_scores(enc, recs, progress=False)
+  got_scores, _, _ = evaluate.cross_encoder_scores(enc, recs, progress=False)
   np.testing.assert_allclose(got_scores, ref, atol=1e-5)
   cross = evaluate.evaluate_cross_encoder(enc, recs, progress=False)
   assert_metrics_equal(cross, loop_metrics(ref, txt2img))

@@ -283,23 +283,31 @@ def test_hand_computed_examples():
   a = contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005)[0]
   b = contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005, name="hardness")[0]
   np.testing.assert_allclose(b, a, rtol=1e-6)
-  # At the paper's T = 0.005 the hardness loss stays finite (log space; exp(1/T) overflows float32).
-  h = contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005, name="hardness",
-                              beta=1.0, tau_plus=0.1)[0]
+  # At the paper's T = 0.005, exp(1/T) overflows float32 and the clamp M e^{-1/T} underflows it: the
+  # hardness loss and its gradients (clamped rows included) must stay finite.
+  hardness = jax.jit(jax.value_and_grad(
+      lambda t, v, temp: losses.contrastive_loss(t, v, nt, nv, temperature_t2i=temp, temperature_i2t=temp,
+                                                 name="hardness", beta=1.0, tau_plus=0.1)[0],
+      argnums=(0, 1, 2)))
+  h, grads = hardness(t, v, 0.005)
   assert np.isfinite(float(h)) and float(h) > 0
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
 def test_loss_argument_errors():
   x = jnp.ones((4, 8))
+  temps = {"temperature_t2i": 0.05, "temperature_i2t": 0.05}
   with pytest.raises(ValueError, match="unknown loss name 'nce'"):
-    losses.contrastive_loss(x, x, name="nce")
+    losses.contrastive_loss(x, x, name="nce", **temps)
   with pytest.raises(ValueError, match=r"neg_image_emb has shape \(4, 8\)"):
-    losses.contrastive_loss(x, x, None, x)
+    losses.contrastive_loss(x, x, None, x, **temps)
   with pytest.raises(ValueError, match="tau_plus"):
-    losses.contrastive_loss(x, x, name="hardness", tau_plus=1.0)
+    losses.contrastive_loss(x, x, name="hardness", tau_plus=1.0, **temps)
   mesh = parallel.make_mesh(8, 1, 1)
   with pytest.raises(ValueError, match="text embeddings have 4 rows"):
-    losses.sharded_contrastive_loss(mesh)(x, x)
+    losses.sharded_contrastive_loss(mesh)(x, x, None, None, 0.05)
+  with pytest.raises(ValueError, match="set by the wrapper"):
+    losses.sharded_contrastive_loss(mesh, temperature_t2i=0.1)
 
 
 def test_match_and_mlm_losses_known_answers():

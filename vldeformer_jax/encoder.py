@@ -38,9 +38,11 @@ class Encoder:
 
   def __init__(self, model_config: ModelConfig, params, tokenizer=None, *, mesh: jax.sharding.Mesh | None = None,
                data_axis: str = "data", batch_size: int = DEFAULT_BATCH_SIZE, fingerprint: str | None = None,
-               progress: bool = False):
+               progress: bool = True):
     """`params`: the tree of `init_params` (numpy or jax arrays). `tokenizer`: from `inputs.load_tokenizer`
-    (default: the bundled bert-base-uncased vocabulary). `mesh`: shard batches over its `data_axis`."""
+    (default: the bundled bert-base-uncased vocabulary). `mesh`: shard batches over its `data_axis`
+    (params replicated). `batch_size`: rows per forward, rounded up to a multiple of the data axis.
+    `progress`: tqdm bars when an input spans several batches."""
     self.model_config = model_config
     self.model = VLDeformer(model_config)
     self.tokenizer = tokenizer if tokenizer is not None else inputs.load_tokenizer()
@@ -116,7 +118,11 @@ class Encoder:
         if len(v) != n:
           raise ValueError(f"Encoder: input {k!r} has {len(v)} rows, expected {n}")
     bs = self._round_batch(batch_size or self.batch_size)
-    outs = []
+    outs, pending = [], None
+
+    def fetch(result, rows):  # gathers a multi-host mesh too
+      outs.append(export_lib.host_array(result).astype(np.float32)[:rows])
+
     for start in tqdm(range(0, n, bs), desc=desc, disable=not self.progress or n <= bs, unit="batch"):
       chunk = []
       for a in arrays:
@@ -127,8 +133,13 @@ class Encoder:
             v = np.concatenate([v, np.zeros((bs - len(v),) + v.shape[1:], v.dtype)])
           part[k] = v
         chunk.append(self._put(part))
-      out = export_lib.host_array(fn(self.params, *chunk)).astype(np.float32)  # gathers a multi-host mesh
-      outs.append(out[:min(bs, n - start)])
+      # Dispatch this batch before waiting for the previous one: host preparation overlaps device work.
+      result = fn(self.params, *chunk)
+      if pending is not None:
+        fetch(*pending)
+      pending = (result, min(bs, n - start))
+    if pending is not None:
+      fetch(*pending)
     return np.concatenate(outs) if outs else np.zeros((0,) + out_tail, np.float32)
 
   # ------------------------------------------------------------------------------------ decomposed

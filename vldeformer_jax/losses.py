@@ -68,7 +68,9 @@ def _hardness_rows(sim, labels, temperature, *, beta, tau_plus, **_):
   """-log(pos / (pos + Ng)) of spec 4.3 for each query row, in log space.
 
   With x = s / T over the M negatives of the row: reweighted = sum(e^{beta x} e^x) / mean(e^{beta x}),
-  Ng = max((reweighted - tau_plus * M * e^{x_pos}) / (1 - tau_plus), M * e^{-1/T}).
+  Ng = max((reweighted - tau_plus * M * e^{x_pos}) / (1 - tau_plus), M * e^{-1/T}). Every term stays a
+  logarithm: at T = 0.005 the clamp M * e^{-1/T} underflows float32, and a clamped row must still get
+  finite (zero) gradients through the unused branch.
   """
   x = sim / temperature
   is_pos = jnp.arange(x.shape[1])[None, :] == labels[:, None]
@@ -76,19 +78,15 @@ def _hardness_rows(sim, labels, temperature, *, beta, tau_plus, **_):
   pos = _take(x, labels)
   log_m = math.log(num_neg)
   # Mask after scaling: beta may be 0, and 0 * -inf is nan.
-  log_reweighted = (jax.nn.logsumexp(jnp.where(is_pos, -jnp.inf, (1.0 + beta) * x), axis=1)
-                    - jax.nn.logsumexp(jnp.where(is_pos, -jnp.inf, beta * x), axis=1) + log_m)
-  log_floor = log_m - 1.0 / temperature + jnp.zeros_like(pos)
-  terms = [log_reweighted, log_floor]
+  log_neg = (jax.nn.logsumexp(jnp.where(is_pos, -jnp.inf, (1.0 + beta) * x), axis=1)
+             - jax.nn.logsumexp(jnp.where(is_pos, -jnp.inf, beta * x), axis=1) + log_m)
   if tau_plus:
-    log_debias = pos + math.log(tau_plus * num_neg)
-    terms.append(log_debias)
-  shift = lax.stop_gradient(jnp.max(jnp.stack(terms), axis=0))
-  neg = jnp.exp(log_reweighted - shift)
-  if tau_plus:
-    neg = (neg - jnp.exp(log_debias - shift)) / (1.0 - tau_plus)
-  neg = jnp.maximum(neg, jnp.exp(log_floor - shift))
-  log_neg = jnp.log(neg) + shift
+    # log(reweighted - tau_plus * M * e^pos) = log(reweighted) + log(1 - e^d), defined when d < 0.
+    d = pos + math.log(tau_plus * num_neg) - log_neg
+    debiased = d < 0
+    safe_d = jnp.where(debiased, d, -1.0)
+    log_neg = jnp.where(debiased, log_neg + jnp.log(-jnp.expm1(safe_d)) - math.log1p(-tau_plus), -jnp.inf)
+  log_neg = jnp.maximum(log_neg, log_m - 1.0 / temperature)
   return jnp.logaddexp(pos, log_neg) - pos
 
 
@@ -152,7 +150,7 @@ def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | No
     neg_text_emb, neg_image_emb: [b, K, D] composed negatives of each pair, or None. Negative captions
       are extra columns of the image queries, negative images extra columns of the text queries.
     temperature_t2i, temperature_i2t: scalars (Python or traced, e.g. a learnable temperature) dividing
-      the text->image and image->text logits; unused by `hinge`.
+      the text->image and image->text logits (default: the paper's 0.005); unused by `hinge`.
     name: `infonce` | `hardness` | `hinge`. beta, tau_plus: `hardness` only (static floats, 0 <= tau_plus
       < 1). margin: `hinge` only. chunk_size: score the queries this many rows at a time (0: all).
     axis_name: mesh axis name or tuple of names the rows are split over (e.g. `BATCH_AXES`), or None.
@@ -224,9 +222,9 @@ def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | No
 def sharded_contrastive_loss(mesh: Mesh, **loss_kwargs) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """`contrastive_loss` over globally batch-sharded arrays, for use inside a jitted train step.
 
-  Returns `fn(text_emb, image_emb, neg_text_emb=None, neg_image_emb=None, temps=0.005)`, where the
-  embeddings are global arrays whose leading axis is split over `BATCH_AXES` (they are resharded if
-  not) and `temps` is one scalar or a pair `(temperature_t2i, temperature_i2t)`, possibly traced.
+  Returns `fn(text_emb, image_emb, neg_text_emb, neg_image_emb, temps)`, where the negatives may be
+  None, the embeddings are global arrays whose leading axis is split over `BATCH_AXES` (they are
+  resharded if not) and `temps` is one scalar or a pair `(temperature_t2i, temperature_i2t)`, possibly traced.
   `loss_kwargs` are the other keyword arguments of `contrastive_loss` (name, beta, tau_plus, margin,
   chunk_size). The result (loss, metrics) is replicated; `jax.grad` through it is the full-batch
   gradient.
@@ -245,7 +243,7 @@ def sharded_contrastive_loss(mesh: Mesh, **loss_kwargs) -> Callable[..., tuple[A
                      "as `temps` when calling")
   batch = P(BATCH_AXES)
 
-  def fn(text_emb, image_emb, neg_text_emb=None, neg_image_emb=None, temps=0.005):
+  def fn(text_emb, image_emb, neg_text_emb, neg_image_emb, temps):
     if isinstance(temps, (tuple, list)):
       t2i, i2t = temps
     else:

@@ -166,8 +166,8 @@ def make_train_step(model: VLDeformer, config, mesh, tx: optax.GradientTransform
     new = optax.apply_updates(trainable, updates)
     metrics = dict(metrics)
     metrics.update(
-        grad_norm=optax.global_norm(grads["model"]),
-        param_norm=optax.global_norm(new["model"]),
+        grad_norm=optax.tree.norm(grads["model"]),
+        param_norm=optax.tree.norm(new["model"]),
         learning_rate=schedule(state.step),
         temperature=jnp.exp(new["log_temperature"]))
     new_state = state.replace(step=state.step + 1, params=new["model"], log_temperature=new["log_temperature"],

@@ -1,0 +1,97 @@
+"""Table 4: gallery embedding throughput of the public `Encoder`, images/s and captions/s.
+
+What a user runs to index a gallery: `Encoder.embed_images(region_features, tags)` and
+`Encoder.embed_texts(captions)`, which tokenise, pad, batch (fixed batch size, one compile) and run the
+jitted decomposed forward. Sizes: BERT-base in the VinVL shape (35 tokens, 70 regions of 2054-d) and the
+demo model of `configs/demo.py`; compute in float32 and in bfloat16 (parameters stay float32). Random
+weights: throughput does not depend on their values. Compilation is excluded (one warm-up call).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks import common
+
+WORDS = ("a man woman dog cat riding sitting on the of with red blue small large table street grass "
+         "holding next to white black two people standing near building car tree water").split()
+
+
+def _corpus(n: int, cfg, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  captions = [" ".join(rng.choice(WORDS, rng.integers(8, 16))) for _ in range(n)]
+  tags = [" ".join(rng.choice(WORDS, rng.integers(10, 30))) for _ in range(n)]
+  regions = [rng.random((int(rng.integers(cfg.max_regions // 2, cfg.max_regions + 1)), cfg.img_feature_dim),
+                        dtype=np.float32) for _ in range(n)]
+  return captions, tags, regions
+
+
+def model_config(size: str):
+  from vldeformer_jax.model_config import ModelConfig
+  if size == "bert_base":
+    return ModelConfig()
+  from configs import demo
+  c = demo.get_config()
+  return ModelConfig.from_dict(dict(c.model.to_dict(), max_text_len=c.data.max_text_len,
+                                    max_regions=c.data.max_regions))
+
+
+def measure(size: str, dtype: str, num_images: int, num_captions: int, batch_size: int, repeats: int) -> dict:
+  import jax
+  from vldeformer_jax.encoder import Encoder
+  from vldeformer_jax.model import init_params
+
+  cfg = model_config(size).replace(dtype=dtype)
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  enc = Encoder(cfg, params, batch_size=batch_size)
+  captions, tags, regions = _corpus(max(num_images, num_captions), cfg)
+  captions, tags, regions = captions[:num_captions], tags[:num_images], regions[:num_images]
+  times = common.interleaved({
+      "images": lambda: enc.embed_images(regions, tags),
+      "captions": lambda: enc.embed_texts(captions),
+  }, repeats, warmup=1)
+  im, cap = common.summary(times["images"]), common.summary(times["captions"])
+  return {"size": size, "dtype": dtype, "batch_size": batch_size, "num_images": num_images,
+          "num_captions": num_captions, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+          "images_seconds": im, "captions_seconds": cap,
+          "images_per_s": num_images / im["median"], "captions_per_s": num_captions / cap["median"]}
+
+
+def run(quick: bool = False, repeats: int = 3) -> list[dict]:
+  from tqdm import tqdm
+  plan = []
+  for dtype in ("float32", "bfloat16"):
+    if quick:
+      plan.append(("bert_base", dtype, 16, 32, 16))
+      plan.append(("demo", dtype, 256, 512, 128))
+    else:
+      plan.append(("bert_base", dtype, 64, 128, 32))
+      plan.append(("demo", dtype, 2048, 4096, 256))
+  rows = []
+  for size, dtype, ni, nc, bs in tqdm(plan, desc="encoder throughput", unit="config"):
+    rows.append(common.run_child("encoder_throughput", [
+        "--child", "--size", size, "--dtype", dtype, "--images", str(ni), "--captions", str(nc),
+        "--batch_size", str(bs), "--repeats", str(repeats)]))
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--child", action="store_true")
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--size", default="demo", choices=("bert_base", "demo"))
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--images", type=int, default=256)
+  p.add_argument("--captions", type=int, default=512)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  a = p.parse_args()
+  if a.child:
+    common.emit(measure(a.size, a.dtype, a.images, a.captions, a.batch_size, a.repeats))
+  else:
+    common.emit({"rows": run(a.quick, a.repeats)})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,71 @@
+"""Regenerates BENCHMARKS.md: `python benchmarks/run.py [--quick]`.
+
+Each table runs in its own child process (`python -m benchmarks.<table>`), so the tables do not share a
+heap, a peak RSS or XLA flags. The markdown is written to a temporary sibling and renamed: an interrupted
+run leaves the previous BENCHMARKS.md as it was. `--quick` (smaller sizes, fewer repeats) is a smoke test
+of the harness in about 3 minutes; its figures are not the ones to quote.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common, report  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "smaller sizes and fewer repeats (about 3 minutes)")
+flags.DEFINE_string("output", os.path.join(common.REPO, "BENCHMARKS.md"), "where to write the markdown")
+flags.DEFINE_list("tables", ["peaks", "train_step", "ablations", "contrastive", "search", "encoder"],
+                  "which tables to run")
+
+
+def collect(quick: bool, tables) -> dict:
+  from tqdm import tqdm
+  r = {"quick": quick, "machine": common.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                             time.gmtime())}
+  t0 = time.perf_counter()
+  jobs = {
+      "peaks": ("peaks", ["--repeats", "2" if quick else "5"]),
+      "train_step": ("train_step", ["--repeats", "2" if quick else "7"]),
+      "ablations": ("train_ablations", ["--repeats", "2" if quick else "5"] + (["--quick"] if quick else [])),
+      "contrastive": ("contrastive_memory", ["--repeats", "1" if quick else "2"] + (["--quick"] if quick else [])),
+      "search": ("search", ["--sizes", "100000" if quick else "100000,1000000",
+                            "--repeats", "1" if quick else "3"]),
+      "encoder": ("encoder_throughput", ["--repeats", "1" if quick else "3"] + (["--quick"] if quick else [])),
+  }
+  for name in tqdm([t for t in jobs if t in tables], desc="benchmarks", unit="table"):
+    module, args = jobs[name]
+    t = time.perf_counter()
+    try:
+      r[name] = common.run_child(module, args)
+    except Exception as e:  # noqa: BLE001 - one failing table is reported, the others still run
+      r[name] = {"error": str(e)}
+    r.setdefault("durations", {})[name] = time.perf_counter() - t
+  r["total_seconds"] = time.perf_counter() - t0
+  return r
+
+
+def main(argv):
+  del argv
+  results = collect(FLAGS.quick, FLAGS.tables)
+  text = report.render(results)
+  tmp = f"{FLAGS.output}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, FLAGS.output)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  json_path = os.path.join(os.path.dirname(FLAGS.output), "benchmarks", "results.json")
+  common.write_json_atomic(json_path, results)
+  print(f"wrote {FLAGS.output} ({results['total_seconds']:.0f} s) and {json_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

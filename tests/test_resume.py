@@ -1,0 +1,120 @@
+"""Resuming: a run killed with SIGKILL and restarted equals an uninterrupted run, bitwise on CPU; a checkpoint
+written on 8 devices restores on a 1-device mesh with equal values.
+
+The runs go through `launch/train.py` with configs/tiny.py (dropout on), as a user would; they share a
+persistent compilation cache so the identical train step compiles once.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import tiny  # noqa: E402
+from vldeformer_jax import checkpoint, optim, parallel, train_setup  # noqa: E402
+from vldeformer_jax.export import read_export  # noqa: E402
+from vldeformer_jax.metrics import read_metrics  # noqa: E402
+from vldeformer_jax.model_config import ModelConfig  # noqa: E402
+
+TIMING_KEYS = ("examples_per_sec", "first_step_seconds")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  data_dir = str(base / "tiny_data")
+  train_setup.generate_demo(tiny.get_config(), data_dir)  # skipped when another test file made it
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+              JAX_COMPILATION_CACHE_DIR=str(base / "jit_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0"), data_dir
+
+
+def _cmd(workdir, data_dir):
+  return [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.train.eval_every=-1"]
+
+
+def _finished_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _train_losses(workdir):
+  return [{k: v for k, v in m.items() if k not in TIMING_KEYS}
+          for m in read_metrics(os.path.join(workdir, "metrics.jsonl")) if m["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory):
+  environ, data_dir = env
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  r = subprocess.run(_cmd(workdir, data_dir), cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return workdir
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(env, uninterrupted, tmp_path):
+  environ, data_dir = env
+  total = tiny.get_config().train.num_steps
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(_cmd(workdir, data_dir), cwd=ROOT, env=environ, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not _finished_steps(workdir) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed mid-training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  resume_from = _finished_steps(workdir)[-1]
+  assert 0 < resume_from < total, _finished_steps(workdir)
+
+  r = subprocess.run(_cmd(workdir, data_dir), cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert f"resumed step {resume_from}" in r.stderr
+
+  # Same losses and metrics at every step (metrics.jsonl holds each step once), same final parameters.
+  resumed, straight = _train_losses(workdir), _train_losses(uninterrupted)
+  assert [m["step"] for m in resumed] == [m["step"] for m in straight] == list(range(1, total + 1))
+  assert resumed == straight
+  a, b = read_export(os.path.join(workdir, "export")), read_export(os.path.join(uninterrupted, "export"))
+  assert a.metadata["step"] == b.metadata["step"] == total
+  leaves_a = jax.tree_util.tree_flatten_with_path(a.params)[0]
+  leaves_b = jax.tree.leaves(b.params)
+  assert len(leaves_a) == len(leaves_b)
+  for (path, x), y in zip(leaves_a, leaves_b):
+    assert np.array_equal(x, y), jax.tree_util.keystr(path)
+  assert a.fingerprint == b.fingerprint
+
+
+def test_checkpoint_from_8_devices_restores_on_1(uninterrupted):
+  c = tiny.get_config()
+  mc = ModelConfig.from_json(os.path.join(uninterrupted, "model_config.json"))
+  tx, _ = optim.make_optimizer(c.train, c.train.num_steps)
+  ckpts = checkpoint.Checkpoints(os.path.join(uninterrupted, "checkpoints"), max_to_keep=None)
+  step = ckpts.latest_step()
+  mesh8 = parallel.make_mesh(devices=jax.devices()[:8])
+  mesh1 = parallel.make_mesh(devices=jax.devices()[:1])
+  on8, data8, _ = ckpts.restore(step, train_setup.abstract_state(mc, tx, mesh8))
+  on1, data1, _ = ckpts.restore(step, train_setup.abstract_state(mc, tx, mesh1))
+  ckpts.close()
+  assert data8 == data1 and data1["step"] == step
+  for x in jax.tree.leaves(on1):
+    assert len(x.sharding.device_set) == 1
+  assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(on8))
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(on8)[0], jax.tree.leaves(on1)):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+  exported = read_export(os.path.join(uninterrupted, "export")).params
+  for x, y in zip(jax.tree.leaves(on1.params), jax.tree.leaves(exported)):
+    assert np.array_equal(np.asarray(x), y)
