@@ -27,6 +27,8 @@ _CROSS_MAX = flags.DEFINE_integer("cross_max_images", None,
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Evaluate the first N images only.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Encoder batch size (rounded up to the device count).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the export's compute dtype.")
+_TIMING = flags.DEFINE_integer("timing_pairs", 0, "Also time decomposed vs early-interaction retrieval, the "
+                               "latter on this many sampled pairs, extrapolated (retrieval/timing.py).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
 flags.mark_flags_as_required(["export", "data_dir", "dataset"])
 
@@ -39,7 +41,8 @@ def main(argv):
     evaluate.run_evaluation(_EXPORT.value, _DATA_DIR.value, _DATASET.value, _SPLIT.value,
                             protocol=_PROTOCOL.value, rerank_top_k=_RERANK.value, cross_encoder=_CROSS.value,
                             output=_OUTPUT.value, batch_size=_BATCH.value, max_images=_MAX_IMAGES.value,
-                            cross_max_images=_CROSS_MAX.value, dtype=_DTYPE.value)
+                            cross_max_images=_CROSS_MAX.value, dtype=_DTYPE.value,
+                            timing_pairs=_TIMING.value)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

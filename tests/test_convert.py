@@ -277,3 +277,14 @@ def test_corrupt_safetensors_and_missing_vocab(params, tmp_path):
   with pytest.raises(convert.ConversionError, match="no vocab.txt"):
     convert.convert_checkpoint(src, str(tmp_path / "out"))
   assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_bert_base_backbone_size_matches_spec():
+  """Spec 2.4: the VinVL BERT-base backbone (`bert.*`, image Linear + LayerNorm included) has 111,062,016
+  parameters; the Oscar key count is 5 embedding tensors + 16 per layer + pooler 2 + regions 4."""
+  shapes = convert.expected_shapes(ModelConfig())
+  backbone = {k: v for k, v in shapes.items() if k.startswith("bert/")}
+  assert sum(int(np.prod(v.shape)) for v in backbone.values()) == 111_062_016
+  assert len(backbone) == 5 + 16 * 12 + 2 + 4
+  assert shapes["bert/img_embedding/kernel"].shape == (2054, 768)
+  assert shapes["classifier/kernel"].shape == (768, 2)

@@ -42,7 +42,8 @@ class Encoder:
     """`params`: the tree of `init_params` (numpy or jax arrays). `tokenizer`: from `inputs.load_tokenizer`
     (default: the bundled bert-base-uncased vocabulary). `mesh`: shard batches over its `data_axis`
     (params replicated). `batch_size`: rows per forward, rounded up to a multiple of the data axis.
-    `progress`: tqdm bars when an input spans several batches."""
+    `progress`: tqdm bars in embed_texts / embed_images / match_scores when the input spans several
+    batches (the lower-level *_inputs methods never show one: their callers loop with their own)."""
     self.model_config = model_config
     self.model = VLDeformer(model_config)
     self.tokenizer = tokenizer if tokenizer is not None else inputs.load_tokenizer()
@@ -109,7 +110,7 @@ class Encoder:
     return {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items()}
 
   def _batched(self, fn: Callable, arrays: Sequence[Mapping[str, np.ndarray]], batch_size: int | None,
-               desc: str, out_tail: tuple[int, ...]) -> np.ndarray:
+               out_tail: tuple[int, ...]) -> np.ndarray:
     """fn(params, *dicts) over fixed-size row chunks of `arrays`; the last chunk is padded with all-masked
     zero rows (dropped from the result)."""
     n = len(next(iter(arrays[0].values())))
@@ -123,7 +124,7 @@ class Encoder:
     def fetch(result, rows):  # gathers a multi-host mesh too
       outs.append(export_lib.host_array(result).astype(np.float32)[:rows])
 
-    for start in tqdm(range(0, n, bs), desc=desc, disable=not self.progress or n <= bs, unit="batch"):
+    for start in range(0, n, bs):  # no bar here: callers of the *_inputs methods loop with their own
       chunk = []
       for a in arrays:
         part = {}
@@ -153,7 +154,7 @@ class Encoder:
              "attention_mask": np.asarray(attention_mask, np.int32)}
     if img_feats is not None:
       batch["img_feats"] = np.asarray(img_feats, np.float32)
-    return self._batched(self._embed, [batch], batch_size, "pooled", (self.embed_dim,))
+    return self._batched(self._embed, [batch], batch_size, (self.embed_dim,))
 
   def embed_text_inputs(self, text: Mapping[str, np.ndarray], *, batch_size=None) -> np.ndarray:
     """L2-normalised caption embeddings [N, D] from `inputs.text_inputs` arrays."""
@@ -202,7 +203,7 @@ class Encoder:
     `[CLS] caption [SEP] tags [SEP]` + regions by `inputs.pack_pairs`."""
     text = {k: np.asarray(text[k], np.int32) for k in inputs.TEXT_KEYS}
     image = {k: np.asarray(image[k], np.float32 if k == "img_feats" else np.int32) for k in inputs.IMAGE_KEYS}
-    return self._batched(self._match, [text, image], batch_size, "match_scores", ())
+    return self._batched(self._match, [text, image], batch_size, ())
 
   def match_scores(self, region_features: Sequence[np.ndarray], tags: Sequence[str], captions: Sequence[str], *,
                    batch_size=None) -> np.ndarray:

@@ -326,12 +326,13 @@ def format_table(results: dict[str, dict]) -> str:
 def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test", *, protocol: str = "full",
                    rerank_top_k: int = 0, cross_encoder: bool = False, output: str | None = None,
                    batch_size: int = 64, max_images: int | None = None, cross_max_images: int | None = None,
-                   use_mesh: bool = True, dtype: str | None = None) -> dict:
+                   use_mesh: bool = True, dtype: str | None = None, timing_pairs: int = 0) -> dict:
   """Evaluates an export on a prepared split; returns (and writes to `output`, atomically) the JSON
   `{"decomposed": ..., ["coco1k_keyfile": ...], ["cross_encoder": ...], "export", "dataset", "split"}`.
 
   With protocol coco1k / all and a `test_1k` split in the dataset, the single 1K key file of the
-  reference code is evaluated too (`coco1k_keyfile`), reusing nothing but the weights.
+  reference code is evaluated too (`coco1k_keyfile`), reusing nothing but the weights. `timing_pairs` > 0
+  adds `timing`: retrieval/timing.compare with that many sampled cross-encoder pairs.
   """
   import tensorflow_datasets as tfds  # noqa: F401  (the data layer needs it; fail early and clearly)
   from vldeformer_jax import parallel
@@ -361,7 +362,16 @@ def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test"
     if sub is not None and sub != max_images:
       results["decomposed_same_subset"] = evaluate(encoder, source, "full", batch_size, max_images=sub,
                                                    rerank_top_k=rerank_top_k)
+  if timing_pairs:
+    from vldeformer_jax.retrieval import timing
+    results["timing"] = timing.compare(encoder, source, max_images=max_images, sample_pairs=timing_pairs,
+                                       batch_size=batch_size)
   print(format_table({k: v for k, v in results.items() if isinstance(v, dict)}))
+  if timing_pairs:
+    t = results["timing"]
+    print(f"full retrieval of the split: decomposed {t['split']['decomposed']['total_s']:.3f} s, early "
+          f"interaction {t['split']['cross_encoder']['total_s']:.1f} s (extrapolated), "
+          f"speedup {t['split']['speedup']:.0f}x; at {t['speedup_gallery']}: {t['speedup']:.0f}x")
   if output:
     write_json_atomic(output, results)
   return results

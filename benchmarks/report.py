@@ -1,0 +1,203 @@
+"""Renders the collected benchmark results (a dict of per-table JSON) as BENCHMARKS.md.
+
+Kept apart from the measuring code so the wording of goals and the units live in one place: every goal
+line states the measured value, the target, and met / NOT met.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 2**30
+
+
+def _s(x: float) -> str:
+  return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
+
+
+def _gib(b: float) -> str:
+  return f"{b / GIB:.2f} GiB" if abs(b) >= 0.1 * GIB else f"{b / 2**20:.0f} MiB"
+
+
+def _goal(met: bool, text: str) -> str:
+  return f"- **Goal {'met' if met else 'NOT met'}**: {text}"
+
+
+def _error(section: dict) -> str | None:
+  return f"_This table failed to run:_\n\n```\n{section['error']}\n```\n" if "error" in section else None
+
+
+def machine(r: dict) -> str:
+  m = r["machine"]
+  v = ", ".join(f"{k} {val}" for k, val in m["versions"].items())
+  load = ", ".join(f"{x:.1f}" for x in m.get("load_average", ()))
+  env = ", ".join(f"`{k}={val}`" for k, val in m.get("env", {}).items()) or "none set"
+  return (f"- CPU: {m.get('cpu', '?')} ({m.get('simd', '')}), {m['cores']} cores, "
+          f"{m.get('memory_gib', '?')} GiB memory; {m['platform']}, Python {m['python']}\n"
+          f"- Libraries: {v}\n- Environment: {env}\n- Load average at start (1, 5, 15 min): {load}\n")
+
+
+def peaks(p: dict) -> str:
+  if (e := _error(p)):
+    return e
+  lines = ["| library | dtype | size | median | GFLOP/s |", "|---|---|---|---|---|"]
+  for key in ("jax_float32", "jax_bfloat16", "torch_float32", "torch_bfloat16"):
+    x = p[key]
+    lines.append(f"| {key.split('_')[0]} | {x['dtype']} | {x['n']}^3 | {_s(x['seconds']['median'])} | "
+                 f"{x['gflops']:.1f} |")
+  note = ""
+  if p["torch_bfloat16"]["n"] != 4096:
+    note = (f"\nPyTorch bfloat16 is measured at {p['torch_bfloat16']['n']}^3: this CPU has no native bf16 "
+            "matmul (no AVX512-BF16 / AMX) and PyTorch's fallback needs minutes at 4096^3.\n")
+  return "\n".join(lines) + "\n" + note
+
+
+def train_step(t: dict) -> str:
+  if (e := _error(t)):
+    return e
+  c = t["config"]
+  f = t["analytic_flops"]
+  lines = [
+      f"Model: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, "
+      f"intermediate {c['intermediate_size']}, vocab {c['vocab_size']}; {c['max_text_len']} caption tokens; "
+      f"{c['max_text_len']} tag tokens + {c['max_regions']} regions of {c['img_feature_dim']}-d; batch "
+      f"{t['batch_size']} on 1 device, float32, dropout 0.1, AdamW + clipping.",
+      "",
+      "| | JAX (train.py step, jitted) | PyTorch eager |",
+      "|---|---|---|",
+      f"| median step ({t['jax_step']['n']} interleaved runs) | {_s(t['jax_step']['median'])} | "
+      f"{_s(t['torch_step']['median'])} |",
+      f"| min / max | {_s(t['jax_step']['min'])} / {_s(t['jax_step']['max'])} | "
+      f"{_s(t['torch_step']['min'])} / {_s(t['torch_step']['max'])} |",
+      f"| achieved GFLOP/s (analytic count) | {t['jax_gflops']:.1f} | {t['torch_gflops']:.1f} |",
+      "",
+      f"- Ratio JAX / PyTorch (median): **{t['ratio']:.2f}** (per-pair ratios: "
+      f"{', '.join(f'{x:.2f}' for x in t['ratios'])})",
+      f"- FLOPs per step, analytic (matmuls: dense layers, attention QK^T and PV, region projection; "
+      f"backward = 2x forward, 1x for the region projection): {f['train_step'] / 1e9:.0f} GFLOP "
+      f"(forward {f['forward'] / 1e9:.0f}); XLA's cost analysis of the compiled step: "
+      f"{t['xla_flops'] / 1e9:.0f} GFLOP",
+      f"- JAX fp32 matmul peak measured in the same process: {t['jax_fp32_peak']['gflops']:.1f} GFLOP/s; "
+      f"the step reaches **{100 * t['fraction_of_jax_fp32_peak']:.0f}%** of it",
+      f"- Peak RSS of the process (JAX and PyTorch models, both optimisers): {t['peak_rss_gib']:.1f} GiB; "
+      f"XLA temporaries of the step: {_gib(t.get('xla_temp_bytes', 0))}",
+      _goal(t["ratio"] <= 1.0, f"JAX/PyTorch step time ratio {t['ratio']:.2f} (target <= 1.00)"),
+      _goal(t["fraction_of_jax_fp32_peak"] >= 0.75,
+            f"{100 * t['fraction_of_jax_fp32_peak']:.0f}% of XLA's fp32 matmul peak (target >= 75%)"),
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def ablations(a: dict) -> str:
+  if (e := _error(a)):
+    return e
+  lines = ["| what | variant | median | vs first variant |", "|---|---|---|---|"]
+  for group in a["groups"]:
+    base = None
+    for v in group["variants"]:
+      med = v["seconds"]["median"]
+      base = base or med
+      lines.append(f"| {group['name']} | {v['name']} | {_s(med)} | {med / base:.2f}x |")
+  notes = "\n".join(f"- {n}" for n in a.get("notes", []))
+  return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def contrastive(c: dict) -> str:
+  if (e := _error(c)):
+    return e
+  lines = ["| pairs | pool (columns) | loss | XLA temp | measured extra RSS | extra minus gradients | "
+           "loss + grad time |", "|---|---|---|---|---|---|---|"]
+  goal_row = None
+  for row in c["rows"]:
+    kind = f"chunked ({row['chunk_size']} rows)" if row["chunk_size"] else "naive"
+    if row["executed"]:
+      meas = _gib(row["extra_bytes"])
+      minus = _gib(row["extra_minus_outputs_bytes"])
+      tm = f"{_s(row['seconds']['median'])} (n={row['seconds']['n']})"
+    else:
+      meas = minus = "not run"
+      tm = "not run (compiled only)"
+    lines.append(f"| {row['pairs']:,} | {row['pool']:,} | {kind} | {_gib(row['xla_temp_bytes'])} | {meas} | "
+                 f"{minus} | {tm} |")
+    if row["pairs"] == 65536 and row["chunk_size"]:
+      goal_row = row
+  out = "\n".join(lines) + "\n\n"
+  out += ("768-d, one composed hard negative per pair on each side (K=1), so each of the N text queries "
+          "scores 2N image columns and vice versa. Naive = `chunk_size=0` (the whole [N, 2N] logits); "
+          "chunked = `losses.contrastive_loss(chunk_size=...)`. XLA temp = `compiled.memory_analysis()."
+          "temp_size_in_bytes` (working memory beyond arguments and outputs); measured = peak current RSS "
+          "during the call minus the RSS before it, in a fresh process per row; 'minus gradients' subtracts "
+          "the 4 returned gradient arrays. Sizes above the run limit are compiled for XLA's plan only: the "
+          "naive 64K case needs 32 GiB for the logits alone, and the 64K loss + gradient is ~100 TFLOP "
+          "(hours on these 2 cores).\n")
+  if goal_row is not None:
+    temp = goal_row["xla_temp_bytes"]
+    out += _goal(temp <= GIB, f"chunked loss + gradient at 64K pairs needs {_gib(temp)} of working memory "
+                 "beyond its inputs and outputs (XLA's plan; target <= 1 GiB)") + "\n"
+  return out
+
+
+def search(s: dict) -> str:
+  if (e := _error(s)):
+    return e
+  lines = ["| gallery | JAX exact (retrieval/index.py) | faiss IndexFlatIP | numpy matmul + argpartition | "
+           "JAX / faiss | agreement with faiss |", "|---|---|---|---|---|---|"]
+  goals = []
+  for row in s["rows"]:
+    np_t = _s(row["numpy_seconds"]["median"]) if "numpy_seconds" in row else "not run"
+    ag = row["agree_jax_faiss"]
+    agree = (f"JAX: {ag['rows'] - ag['rows_differing']}/{ag['rows']} rows identical sets, max score diff "
+             f"{ag['max_score_abs_diff']:.1e}")
+    if "agree_numpy_faiss" in row:
+      an = row["agree_numpy_faiss"]
+      agree += f"; numpy: {an['rows'] - an['rows_differing']}/{an['rows']}"
+    lines.append(f"| {row['gallery']:,} x {row['dim']} | {_s(row['jax_seconds']['median'])} | "
+                 f"{_s(row['faiss_seconds']['median'])} | {np_t} | {row['jax_vs_faiss']:.2f} | {agree} |")
+    goals.append(_goal(row["jax_vs_faiss"] <= 1.0 and ag["ok"],
+                       f"{row['gallery']:,} rows: JAX / faiss time ratio {row['jax_vs_faiss']:.2f} (target <= 1.00), "
+                       f"results {'agree' if ag['ok'] else 'DISAGREE'}"))
+  first = s["rows"][0]
+  out = "\n".join(lines) + "\n\n"
+  out += (f"Top-{first['k']} of {first['queries']} L2-normalised float32 queries over random L2-normalised "
+          f"galleries; medians of interleaved runs; faiss uses {first['faiss_threads']} OpenMP threads, JAX "
+          f"{first['jax_devices']} CPU device (XLA's intra-op thread pool).\n\n")
+  return out + "\n".join(goals) + "\n"
+
+
+def encoder(e: dict) -> str:
+  if (err := _error(e)):
+    return err
+  lines = ["| model | compute dtype | batch | images/s | captions/s |", "|---|---|---|---|---|"]
+  for row in e["rows"]:
+    name = (f"BERT-base ({row['layers']} x {row['hidden']})" if row["size"] == "bert_base"
+            else f"demo ({row['layers']} x {row['hidden']})")
+    lines.append(f"| {name} | {row['dtype']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
+                 f"{row['captions_per_s']:.1f} |")
+  return "\n".join(lines) + ("\n\n`Encoder.embed_images(regions, tags)` / `Encoder.embed_texts(captions)` "
+                             "end to end (tokenising, padding, batching, the jitted forward, L2 "
+                             "normalisation), compile excluded, random weights.\n")
+
+
+def render(r: dict[str, Any]) -> str:
+  mins = r["total_seconds"] / 60
+  head = [
+      "# Benchmarks",
+      "",
+      f"Generated by `python benchmarks/run.py{' --quick' if r['quick'] else ''}` on {r['started']} "
+      f"({mins:.1f} min). Medians of repeated runs; two implementations compared in one process, "
+      "interleaved, as a ratio. The machine is shared: absolute times vary from run to run, ratios less.",
+  ]
+  if r["quick"]:
+    head.append("\n**Quick run** (smaller sizes, fewer repeats): a smoke test of the harness, not figures to quote.")
+  sections = [("Machine", machine(r))]
+  titles = {"peaks": "Matmul peaks (same run)", "train_step": "1. Training step: BERT-base, VinVL shape",
+            "ablations": "1b. Where the step's time goes (choices measured)",
+            "contrastive": "2. Contrastive loss: memory and time vs pool size",
+            "search": "3. Gallery search: top-10 for 1000 queries",
+            "encoder": "4. Encoder throughput (gallery embedding)"}
+  renderers = {"peaks": peaks, "train_step": train_step, "ablations": ablations, "contrastive": contrastive,
+               "search": search, "encoder": encoder}
+  for key, title in titles.items():
+    if key in r:
+      sections.append((f"{title} ({r['durations'][key]:.0f} s)", renderers[key](r[key])))
+  body = "\n".join(head) + "\n\n" + "\n".join(f"## {t}\n\n{s}" for t, s in sections)
+  return body
