@@ -73,7 +73,7 @@ def get_config(arg=None):
   c.early_interaction = ml_collections.ConfigDict()  # see vldeformer_jax.early_interaction.DEFAULTS
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.protocol = "all"      # retrieval protocol of vldeformer_jax.retrieval.evaluate
+  c.eval.protocol = "full"     # full | coco5k | coco1k | flickr1k | all (vldeformer_jax.retrieval.evaluate)
   c.eval.batch_size = 64
   c.eval.max_images = 0        # evaluate on the first N images of eval_split (0 = all)
   c.eval.best_metric = "rsum"  # 'rsum' | 'i2t_R@1' | 't2i_R@1': keeps the best checkpoint in workdir/best

@@ -151,6 +151,12 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
     errors.append(f"config.train.eval_every: must be -1 (never), 0 (at the end) or a step interval, got {t.eval_every}")
   if config.eval.best_metric not in BEST_METRICS:
     errors.append(f"config.eval.best_metric: unknown metric {config.eval.best_metric!r}; expected one of {BEST_METRICS}")
+  try:
+    from vldeformer_jax.retrieval.evaluate import PROTOCOLS
+  except ImportError:
+    PROTOCOLS = None
+  if PROTOCOLS and config.eval.protocol not in PROTOCOLS:
+    errors.append(f"config.eval.protocol: unknown protocol {config.eval.protocol!r}; expected one of {PROTOCOLS}")
   if config.eval.batch_size < 1:
     errors.append(f"config.eval.batch_size: must be >= 1, got {config.eval.batch_size}")
 

@@ -79,9 +79,6 @@ def open_data(config, workdir: str) -> Data:
   eval_source = None
   if config.train.eval_every >= 0 and config.data.eval_split:
     eval_source = prepare.load_split(data_dir, config.data.name, config.data.eval_split)
-    if config.eval.max_images:
-      n = min(int(config.eval.max_images), len(eval_source))
-      eval_source = [eval_source[i] for i in range(n)]
   if len(train) == 0:
     raise ValueError(f"dataset {config.data.name!r} in {data_dir}: split {config.data.train_split!r} is empty")
   feature_dim = int(np.asarray(train[0]["features"]).shape[-1])
@@ -238,11 +235,16 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
 
 
 class Evaluator:
-  """Retrieval R@1/5/10 on the held-out split with the current parameters (eval mode)."""
+  """Retrieval R@1/5/10 on the held-out split with the current parameters (eval mode).
+
+  The gallery is read and tokenised once, and one Encoder (its jitted forwards) is kept for the whole run,
+  so an evaluation costs the encoder passes only, not a recompile.
+  """
 
   def __init__(self, config, data: Data, model_config: ModelConfig, vocab_file: str, mesh):
     self.config, self.data, self.model_config, self.vocab_file, self.mesh = (
         config, data, model_config, vocab_file, mesh)
+    self._encoder = self._gallery = None
     self._warned = False
 
   def run(self, params, step: int) -> dict | None:
@@ -250,16 +252,23 @@ class Evaluator:
       return None
     try:
       from vldeformer_jax.encoder import Encoder
-      from vldeformer_jax.retrieval.evaluate import evaluate
+      from vldeformer_jax.retrieval import evaluate as evaluate_lib
     except ImportError as e:
       if not self._warned:
         log.warning("retrieval evaluation skipped: %s", e)
         self._warned = True
       return None
-    encoder = Encoder(self.model_config, params, inputs.load_tokenizer(self.vocab_file), mesh=self.mesh,
-                      batch_size=self.config.eval.batch_size)
-    results = evaluate(encoder, self.data.eval, protocol=self.config.eval.protocol,
-                       batch_size=self.config.eval.batch_size)
+    if self._encoder is None:
+      self._encoder = Encoder(self.model_config, params, inputs.load_tokenizer(self.vocab_file), mesh=self.mesh,
+                              batch_size=self.config.eval.batch_size, fingerprint=f"train step {step}")
+      self._gallery = evaluate_lib.load_gallery(self.data.eval, self.config.eval.max_images or None, None)
+    else:
+      # Same model, new weights: reuse the compiled forwards (a new Encoder would recompile them).
+      self._encoder.params = jax.device_put(params, parallel.replicated(self.mesh))
+      self._encoder._fingerprint = f"train step {step}"
+    results = evaluate_lib.evaluate(self._encoder, self._gallery, protocol=self.config.eval.protocol,
+                                    batch_size=self.config.eval.batch_size, mesh=self.mesh,
+                                    progress=jax.process_index() == 0)
     log.info("eval at step %d: %s", step, self.flat(results))
     return results
 
