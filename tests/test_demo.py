@@ -30,8 +30,8 @@ def tiny_configs():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo"))
-  plan = demo.DemoPlan(cross_max_images=4, eval_batch_size=16, ablations=("ablation_random",),
-                       gallery_sizes=(4, 50, 5000), progress=False)
+  plan = demo.DemoPlan(cross_max_images=4, eval_batch_size=16, ablations=(), stage2_num_steps=None,
+                       gallery_sizes=(4, 50, 500), progress=False)
   s1, s2 = tiny_configs()
   out = demo.run_demo(workdir, s1, s2, plan)
   return workdir, plan, out
@@ -55,12 +55,12 @@ def test_report_holds_the_comparison(demo_run):
   assert cross["t2i"]["R@10"] == 100.0 and dec["t2i"]["R@10"] == 100.0
   t = rep["timing"]
   last = t["curve"][-1]
-  assert rep["speedup_gallery"] == "5000 images x 25000 captions"
+  assert rep["speedup_gallery"] == "500 images x 2500 captions"
   assert rep["speedup"] == pytest.approx(last["cross_encoder_s"] / last["decomposed_s"])
-  assert last["cross_encoder_s"] == pytest.approx(5000 * 25000 * t["cross_encoder_s_per_pair"])
+  assert last["cross_encoder_s"] == pytest.approx(500 * 2500 * t["cross_encoder_s_per_pair"])
   assert t["cross_encoder_timed_pairs"] == 4 * 20
   assert [r["cross_encoder_extrapolated"] for r in t["curve"]] == [False, True, True]
-  assert set(rep["ablations"]) == {"stage1_no_decomposition", "stage2", "ablation_random"}
+  assert set(rep["ablations"]) == {"stage1_no_decomposition", "stage2"}
   assert rep["ablations"]["stage2"]["avg_recall_subset"] == pytest.approx(report.avg_recall(dec))
   md = open(os.path.join(workdir, "report.md")).read()
   assert "extrapolated" in md and "first 4 images" in md
@@ -69,7 +69,7 @@ def test_report_holds_the_comparison(demo_run):
 def test_second_run_reuses_every_stage(demo_run):
   workdir, plan, out = demo_run
   exports = {r: os.path.getmtime(os.path.join(workdir, r, "export", "export.json"))
-             for r in ("stage1", "stage2", "ablation_random")}
+             for r in ("stage1", "stage2")}
   s1, s2 = tiny_configs()
   s1.train.num_steps = -1  # would be rejected if training ran again
   again = demo.run_demo(workdir, s1, s2, plan)
@@ -77,3 +77,27 @@ def test_second_run_reuses_every_stage(demo_run):
   assert again["cross_encoder"] == out["cross_encoder"]
   for r, t in exports.items():
     assert os.path.getmtime(os.path.join(workdir, r, "export", "export.json")) == t, r
+
+
+def test_stage_configs_of_the_ablations(tmp_path):
+  s1, s2 = tiny_configs()
+  plan = demo.DemoPlan(stage2_num_steps=7, bert_num_steps=2, bert_global_batch_size=4)
+  runs = demo.stage_configs(s1, s2, str(tmp_path), plan)
+  assert list(runs) == ["stage1", "stage2", "ablation_stage1_no_negatives", "ablation_bert", "ablation_random"]
+  s1_export = os.path.join(str(tmp_path), "stage1", "export")
+  expect = {  # name: (init_export, hard negatives per pair, steps, batch)
+      "stage1": ("", 0, 3, 8),
+      "stage2": (s1_export, 1, 7, 8),
+      "ablation_stage1_no_negatives": (s1_export, 0, 7, 8),
+      "ablation_bert": (os.path.join(str(tmp_path), "bert_export"), 1, 2, 4),
+      "ablation_random": ("", 1, 7, 8),
+  }
+  for name, (c, run_dir) in runs.items():
+    got = (c.init_export, c.data.negatives.num_per_pair, c.train.num_steps, c.train.global_batch_size)
+    assert got == expect[name], name
+    assert run_dir == os.path.join(str(tmp_path), name)
+    assert c.data.data_dir == os.path.join(str(tmp_path), "data") and c.train.eval_every == -1
+    assert c.model.hidden_dropout_prob == 0.0 and c.seed == s1.seed
+  assert runs["stage1"][0].objective == "early_interaction"
+  with pytest.raises(ValueError, match="ablation_nope"):
+    demo.stage_configs(s1, s2, str(tmp_path), demo.DemoPlan(ablations=("ablation_nope",)))

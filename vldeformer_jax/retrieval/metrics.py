@@ -23,9 +23,12 @@ file of the reference code is the dataset's `test_1k` split, evaluated like `ful
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
 # Bytes of boolean temporaries allowed per chunk of queries (comparisons are [chunk, R, N]).
@@ -194,6 +197,10 @@ def protocol_metrics(sim: np.ndarray, txt2img: np.ndarray, protocol: str = "full
   """
   sim, txt2img = _check(sim, txt2img)
   if protocol in ("full", "coco5k", "flickr1k"):
+    expected = {"coco5k": 5000, "flickr1k": 1000}.get(protocol)
+    if expected and sim.shape[0] != expected:
+      log.warning("protocol %s expects %d images but the split has %d: the numbers are not comparable to "
+                  "published %s results", protocol, expected, sim.shape[0], protocol)
     out = retrieval_metrics(sim, txt2img, sim_t2i)
   elif protocol == "coco1k":
     folds = []

@@ -152,13 +152,14 @@ def _mesh_axis(mesh: Mesh | None):
 
 
 def search_codes(queries: np.ndarray, codes: np.ndarray, k: int, *, kind: str = "float",
-                 scales: np.ndarray | None = None, dim: int | None = None, chunk_size: int = 4096,
+                 scales: np.ndarray | None = None, dim: int | None = None, chunk_size: int = 2048,
                  block_rows: int = 1 << 18, query_batch: int = 1024, mesh: Mesh | None = None) -> TopK:
   """Top-k gallery rows for each query by inner product, ties by ascending index (see module docstring).
 
   queries [Q, D] float; codes [N, ...] (numpy or np.memmap: read one block of `block_rows` at a time);
   `mesh`: split each block's rows over all of the mesh's devices. Memory: one block of codes plus
-  [query_batch, chunk_size] scores per device.
+  [query_batch, chunk_size] scores per device. The default chunk (2048 rows) was the fastest of
+  2048/4096/8192 for 1000 x 100K x 768 on this CPU, where the search costs about what the bare matmul does.
   """
   if kind not in KINDS:
     raise ValueError(f"unknown gallery code kind {kind!r}; expected one of {KINDS}")

@@ -1,0 +1,170 @@
+"""Table 1b: the pieces of the training step, each against its alternatives, at BERT-base size.
+
+Why: the step's speed is decided by a few choices (how the optimiser update is fused, how the word-
+embedding gradient is formed, which attention path runs with dropout, how dropout masks are drawn);
+this measures each choice in isolation, interleaved in one process, so the choices in `model.py` /
+`optim.py` rest on numbers from this machine rather than folklore.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+from benchmarks import common
+
+
+def optimizer_group(cfg):
+  """The AdamW update (+ global-norm clipping) over the full parameter tree: optax (jitted, donated) vs
+  torch.optim.AdamW (foreach, and fused)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import torch
+  from configs import common as configs_common
+  from vldeformer_jax import optim
+  from vldeformer_jax.model import init_params
+
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  trainable = {"model": params, "log_temperature": jnp.zeros(())}
+  tx, _ = optim.make_optimizer(configs_common.get_config().train, total_steps=1000)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), trainable)
+  hold = {"p": trainable, "o": tx.init(trainable)}
+
+  def update(p, o, g):
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o
+
+  update = jax.jit(update, donate_argnums=(0, 1))
+
+  def run_optax():
+    hold["p"], hold["o"] = update(hold["p"], hold["o"], grads)
+    jax.block_until_ready(hold["p"])
+
+  n = sum(x.size for x in jax.tree.leaves(params))
+  shapes = [x.shape for x in jax.tree.leaves(params)]
+
+  def torch_fn(fused: bool):
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in ps:
+      p.grad = torch.full(p.shape, 1e-3)
+    opt = torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.05, foreach=not fused, fused=fused or None)
+
+    def run():
+      torch.nn.utils.clip_grad_norm_(ps, 1.0)
+      opt.step()
+    return run
+
+  return {"name": f"AdamW + clip, {n / 1e6:.0f}M parameters",
+          "variants": {"optax (optim.py, jitted, donated)": run_optax, "torch AdamW foreach": torch_fn(False),
+                       "torch AdamW fused": torch_fn(True)}}
+
+
+def embedding_grad_group(cfg, tokens: int):
+  """Gradient of the word-embedding table from `tokens` looked-up rows: XLA's scatter-add (what jnp.take's
+  transpose gives) vs a one-hot matmul, vs PyTorch's dense embedding backward."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, cfg.vocab_size, tokens), jnp.int32)
+  table = jnp.asarray(rng.standard_normal((cfg.vocab_size, cfg.hidden_size), np.float32) * 0.02)
+  cot = jnp.asarray(rng.standard_normal((tokens, cfg.hidden_size), np.float32))
+
+  take = jax.jit(jax.grad(lambda e: jnp.sum(jnp.take(e, ids, axis=0) * cot)))
+  onehot = jax.jit(jax.grad(lambda e: jnp.sum((jax.nn.one_hot(ids, cfg.vocab_size, dtype=e.dtype) @ e) * cot)))
+  te = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+  tids = torch.from_numpy(np.asarray(ids)).long()
+  tcot = torch.from_numpy(np.asarray(cot))
+
+  def run_torch():
+    te.weight.grad = None
+    (te(tids) * tcot).sum().backward()
+
+  return {"name": f"word-embedding gradient, {tokens} tokens into [{cfg.vocab_size}, {cfg.hidden_size}]",
+          "variants": {"jnp.take -> scatter-add (model.py)": lambda: take(table).block_until_ready(),
+                       "one-hot matmul": lambda: onehot(table).block_until_ready(),
+                       "torch nn.Embedding backward": run_torch}}
+
+
+def attention_group(cfg, batch: int, length: int):
+  """Self-attention forward + backward on the image branch's shape: the training path (einsum, softmax,
+  dropout on the probabilities) vs the same without dropout vs jax.nn.dot_product_attention (no dropout
+  support)."""
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(0)
+  shape = (batch, length, cfg.num_attention_heads, cfg.head_dim)
+  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
+  bias = jnp.zeros((batch, 1, 1, length), jnp.float32)
+  key = jax.random.key(0)
+  scale = 1 / math.sqrt(cfg.head_dim)
+
+  def einsum_attn(q, k, v, dropout):
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * scale + bias
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout:
+      keep = jax.random.bernoulli(key, 0.9, probs.shape)
+      probs = jnp.where(keep, probs / 0.9, 0.0)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+  def grad_of(f):
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+
+  fns = {"einsum + dropout (training path)": grad_of(lambda q, k, v: einsum_attn(q, k, v, True)),
+         "einsum, no dropout": grad_of(lambda q, k, v: einsum_attn(q, k, v, False)),
+         "jax.nn.dot_product_attention, no dropout": grad_of(
+             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias))}
+  return {"name": f"attention fwd+bwd x {cfg.num_hidden_layers} layers, [{batch}, {length}, "
+                  f"{cfg.num_attention_heads}x{cfg.head_dim}]",
+          "variants": {n: (lambda f=f: [jax.block_until_ready(f(q, k, v)) for _ in range(cfg.num_hidden_layers)])
+                       for n, f in fns.items()}}
+
+
+def dropout_group(cfg, batch: int):
+  """Drawing one step's dropout masks (hidden states and attention probabilities of both branches, every
+  layer): threefry (JAX's default key) vs the 'rbg' key implementation (XLA's RngBitGenerator)."""
+  import jax
+  L, T = cfg.max_text_len, cfg.max_text_len + cfg.max_regions
+  per_layer = sum(2 * batch * n * cfg.hidden_size + batch * cfg.num_attention_heads * n * n for n in (L, T))
+  count = per_layer * cfg.num_hidden_layers
+
+  def masks(impl):
+    key = jax.random.key(0, impl=impl)
+    f = jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (count,)).sum())
+    return lambda: f(key).block_until_ready()
+
+  return {"name": f"dropout masks of one step ({count / 1e6:.0f}M draws)",
+          "variants": {"threefry (default key)": masks("threefry2x32"), "rbg key": masks("rbg")}}
+
+
+def run(repeats: int = 5, quick: bool = False) -> dict:
+  from tqdm import tqdm
+  from vldeformer_jax.model_config import ModelConfig
+  cfg = ModelConfig()
+  batch = 8
+  builders = [lambda: optimizer_group(cfg),
+              lambda: embedding_grad_group(cfg, batch * 2 * cfg.max_text_len),
+              lambda: attention_group(cfg, batch, cfg.max_text_len + cfg.max_regions),
+              lambda: dropout_group(cfg, batch)]
+  groups = []
+  for build in tqdm(builders, desc="ablations", unit="group"):
+    g = build()
+    times = common.interleaved(g["variants"], repeats, warmup=1)
+    groups.append({"name": g["name"], "variants": [{"name": n, "seconds": common.summary(t)}
+                                                   for n, t in times.items()]})
+    del g
+  return {"groups": groups}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--quick", action="store_true")
+  a = p.parse_args()
+  common.emit(run(a.repeats, a.quick))
+
+
+if __name__ == "__main__":
+  main()
