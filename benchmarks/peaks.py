@@ -31,15 +31,15 @@ def jax_matmul(n: int, dtype: str, repeats: int) -> dict:
 def torch_matmul(n: int, dtype: str, repeats: int, budget_s: float = 1.5) -> dict:
   import torch
   dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-  size = n
-  while True:  # shrink until one product fits the time budget (only the no-bf16-hardware case)
+  size = 512 if dtype == "bfloat16" else n
+  while True:  # grow up to n while one product stays well inside the budget (slow only without bf16 units)
     a = torch.randn(size, size).to(dt)
     b = torch.randn(size, size).to(dt)
     t = time.perf_counter()
     a @ b
-    if time.perf_counter() - t < budget_s or size <= 256:
+    if size >= n or (time.perf_counter() - t) * 8 > budget_s:
       break
-    size //= 2
+    size *= 2
   times = common.timeit(lambda: a @ b, repeats)
   s = common.summary(times)
   return {"n": size, "dtype": dtype, "seconds": s, "gflops": 2 * size**3 / s["median"] / 1e9,

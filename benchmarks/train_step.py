@@ -86,7 +86,7 @@ def _jax_step(cfg, batch_np, temperature: float):
 
 
 def run(batch_size: int = 8, repeats: int = 5, size: dict | None = None, temperature: float = 0.005,
-        peak_repeats: int = 5) -> dict:
+        peak_repeats: int = 5, warmup: int = 2) -> dict:
   import jax
   import torch
   from benchmarks import peaks, torch_reference
@@ -116,7 +116,7 @@ def run(batch_size: int = 8, repeats: int = 5, size: dict | None = None, tempera
   tmodel = torch_reference.TorchVLDeformer(cfg)
   topt = torch_reference.make_optimizer(tmodel)
   torch_step = torch_reference.make_step(tmodel, topt, batch, temperature)
-  times = common.interleaved({"jax": jax_step, "torch": torch_step}, repeats, warmup=2)
+  times = common.interleaved({"jax": jax_step, "torch": torch_step}, repeats, warmup=warmup)
   out["jax_step"] = common.summary(times["jax"])
   out["torch_step"] = common.summary(times["torch"])
   out["ratio"] = out["jax_step"]["median"] / out["torch_step"]["median"]
@@ -135,11 +135,12 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers: a smoke test of the harness")
   a = p.parse_args()
   size = dict(BERT_BASE, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=256) if a.tiny else None
-  common.emit(run(a.batch_size, a.repeats, size))
+  common.emit(run(a.batch_size, a.repeats, size, peak_repeats=min(a.repeats, 5), warmup=a.warmup))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def test_tiny_trains_end_to_end_through_launch(env, uninterrupted):
   assert emb.shape == (1, c.model.hidden_size)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
   source = prepare.load_split(data_dir, c.data.name, c.data.eval_split)
-  results = evaluate(encoder, source, protocol=c.eval.protocol, batch_size=c.eval.batch_size)
+  results = evaluate(encoder, source, protocol=c.eval.protocol, batch_size=c.eval.batch_size,
+                     mesh=parallel.make_mesh())  # as the trainer's evaluator: same programs, same numbers
   for direction in ("i2t", "t2i"):
     for k in ("R@1", "R@5", "R@10"):
       np.testing.assert_allclose(eval_record[f"{direction}_{k}"], results[direction][k], atol=1e-9)

@@ -50,7 +50,7 @@ class DemoPlan:
                                   # masks double the step time; these small runs do not need dropout
   eval_batch_size: int = 256
   ablations: tuple[str, ...] = tuple(ABLATIONS)
-  bert_num_steps: int = 40        # MiniLM (6 x 384) is ~13x the FLOPs of the demo model per token
+  bert_num_steps: int = 30        # MiniLM (6 x 384) is ~13x the FLOPs of the demo model per token
   bert_global_batch_size: int = 16
   bert_dir: str | None = None     # a HF BERT directory (config.json, vocab.txt, weights); None: MiniLM
   gallery_sizes: tuple[int, ...] = (100, 250, 500, 1000, 2500, 5000)  # images; 5 captions each

@@ -38,6 +38,8 @@ DEFAULTS = {
     "num_negatives": 1,         # batch negatives per positive, in each direction (image and caption)
     "hard_candidates": 8,       # random candidates scored per positive by `hard_match`
     "composed_negatives": True,  # use the pipeline's neg_text_* / neg_image_* when the batch has them
+    "balanced": True,           # ITM: positives and negatives weigh half each (else the plain mean over pairs,
+                                # whose 1:4 label prior is a plateau a model trained from scratch sits on)
     "mlm_probability": 0.15,
     "max_predictions": 10,      # masked positions per packed sequence (fixed, so shapes are static)
     "mask_token_id": 103,
@@ -210,7 +212,14 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
   pairs, labels = build_match_pairs(model, params, batch, r_neg, opts)
   logits = model.apply({"params": params}, *[pairs[x] for x in IMAGE_KEYS], deterministic=False,
                        method=VLDeformer.match_logits, rngs={"dropout": r_drop_itm})
-  itm_loss, itm_metrics = match_loss(logits, labels)
+  if opts["balanced"]:
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    n_pos = jnp.sum(labels)
+    w = jnp.where(labels == 1, 0.5 / jnp.maximum(n_pos, 1), 0.5 / jnp.maximum(labels.shape[0] - n_pos, 1))
+    itm_loss = jnp.sum(w * ce)
+    itm_metrics = {"match_accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))}
+  else:
+    itm_loss, itm_metrics = match_loss(logits, labels)
   is_pos = labels == 1
   prob = jax.nn.softmax(logits, axis=-1)[:, 1]
   metrics = {

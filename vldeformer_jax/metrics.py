@@ -130,7 +130,7 @@ def plot_curves(metrics_path: str, png_path: str, *, title: str = "") -> str | N
     ax.axis("off")
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.98) if title else None)
   tmp = png_path + ".tmp.png"
   fig.savefig(tmp, dpi=90)
   plt.close(fig)
