@@ -357,8 +357,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ModelConfig
 
 def fresh_param(path: str, shape, config: ModelConfig, seed: int) -> np.ndarray:
   """BERT's initialisation (the same as model.py's initialisers), in numpy so that conversion compiles
-  nothing: kernels and embeddings ~ N(0, initializer_range), LayerNorm scales 1, biases 0. Seeded per path."""
-  if path.endswith(("/kernel", "/embedding")):
+  nothing: kernels, embeddings and the region-embedding bias ~ N(0, initializer_range), LayerNorm scales 1,
+  other biases 0. Seeded per path."""
+  if path.endswith(("/kernel", "/embedding")) or path == "bert/img_embedding/bias":
     rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "little")])
     return (rng.standard_normal(shape, dtype=np.float32) * config.initializer_range).astype(np.float32)
   if path.endswith("/scale"):

@@ -49,18 +49,15 @@ class Encoder:
     self.tokenizer = tokenizer if tokenizer is not None else inputs.load_tokenizer()
     self.mesh = mesh
     self.progress = progress
-    self._fingerprint = fingerprint
     if mesh is not None:
       if data_axis not in mesh.axis_names:
         raise ValueError(f"Encoder: mesh axes {mesh.axis_names} have no data axis {data_axis!r}")
       self._n_shards = mesh.shape[data_axis]
       self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      self.params = jax.device_put(params, replicated)
     else:
       self._n_shards = 1
       self._batch_sharding = None
-      self.params = jax.device_put(params)
+    self.set_params(params, fingerprint)
     self.batch_size = self._round_batch(batch_size)
     model = self.model
 
@@ -85,6 +82,15 @@ class Encoder:
     ex = export_lib.read_export(path)
     config = ex.model_config if dtype is None else ex.model_config.replace(dtype=jnp.dtype(dtype).name)
     return cls(config, ex.params, inputs.load_tokenizer(ex.vocab_file), fingerprint=ex.fingerprint, **kwargs)
+
+  def set_params(self, params, fingerprint: str | None = None) -> None:
+    """Swaps in new weights of the same model (e.g. during training) and keeps the compiled forwards."""
+    if self.mesh is not None:
+      params = jax.device_put(params, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    else:
+      params = jax.device_put(params)
+    self.params = params
+    self._fingerprint = fingerprint
 
   @property
   def fingerprint(self) -> str:

@@ -169,7 +169,11 @@ class BertImgModel(nn.Module):
     if input_ids is not None:
       parts.append(BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic))
     if img_feats is not None:
-      e = _dense(cfg, cfg.hidden_size, "img_embedding")(img_feats.astype(dtype))
+      # A non-zero bias init (PyTorch's Linear has one too): with a zero bias, zero-padded regions reach
+      # the LayerNorm (eps 1e-12) as a constant vector and a random-init model's gradients explode.
+      init = nn.initializers.normal(cfg.initializer_range)
+      e = nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, bias_init=init,
+                   name="img_embedding")(img_feats.astype(dtype))
       if cfg.use_img_layernorm:
         e = _layer_norm(cfg, "LayerNorm", eps=cfg.img_layer_norm_eps)(e)
       parts.append(nn.Dropout(cfg.hidden_dropout_prob)(e, deterministic=deterministic))

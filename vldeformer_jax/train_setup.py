@@ -264,8 +264,7 @@ class Evaluator:
       self._gallery = evaluate_lib.load_gallery(self.data.eval, self.config.eval.max_images or None, None)
     else:
       # Same model, new weights: reuse the compiled forwards (a new Encoder would recompile them).
-      self._encoder.params = jax.device_put(params, parallel.replicated(self.mesh))
-      self._encoder._fingerprint = f"train step {step}"
+      self._encoder.set_params(params, fingerprint=f"train step {step}")
     results = evaluate_lib.evaluate(self._encoder, self._gallery, protocol=self.config.eval.protocol,
                                     batch_size=self.config.eval.batch_size, mesh=self.mesh,
                                     progress=jax.process_index() == 0)
