@@ -186,6 +186,8 @@ def render(r: dict[str, Any]) -> str:
       f"({mins:.1f} min). Medians of repeated runs; two implementations compared in one process, "
       "interleaved, as a ratio. The machine is shared: absolute times vary from run to run, ratios less.",
   ]
+  for key, cmd in r.get("merged", {}).items():
+    head.append(f"\nTable `{key}` comes from a separate run of `{cmd.strip()}` (merged with `--merge_json`).")
   if r["quick"]:
     head.append("\n**Quick run** (smaller sizes, fewer repeats): a smoke test of the harness, not figures to quote.")
   sections = [("Machine", machine(r))]

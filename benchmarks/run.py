@@ -7,6 +7,7 @@ of the harness in about 3 minutes; its figures are not the ones to quote.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,6 +23,9 @@ flags.DEFINE_bool("quick", False, "smaller sizes and fewer repeats (about 3 minu
 flags.DEFINE_string("output", os.path.join(common.REPO, "BENCHMARKS.md"), "where to write the markdown")
 flags.DEFINE_integer("contrastive_max_run", 16384,
                      "table 2: pool sizes (pairs) above this are compiled for XLA's memory plan but not run")
+flags.DEFINE_string("from_json", "", "re-render the markdown from a results.json of an earlier run")
+flags.DEFINE_list("merge_json", [], "results.json files whose tables replace those of --from_json (e.g. tables "
+                  "re-run separately with --tables)")
 flags.DEFINE_list("tables", ["peaks", "train_step", "ablations", "contrastive", "search", "encoder"],
                   "which tables to run")
 
@@ -33,8 +37,8 @@ def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
   t0 = time.perf_counter()
   jobs = {
       "peaks": ("peaks", ["--repeats", "2" if quick else "5"]),
-      "train_step": ("train_step", ["--repeats", "2" if quick else "5", "--warmup", "1"]),
-      "ablations": ("train_ablations", ["--repeats", "2" if quick else "4"]),
+      "train_step": ("train_step", ["--repeats", "2" if quick else "4", "--warmup", "1"]),
+      "ablations": ("train_ablations", ["--repeats", "2" if quick else "3"]),
       "contrastive": ("contrastive_memory", ["--repeats", "1" if quick else "2", "--max_run",
                                              str(min(4096, contrastive_max_run) if quick else contrastive_max_run)]
                       + (["--quick"] if quick else [])),
@@ -56,8 +60,23 @@ def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
 
 def main(argv):
   del argv
-  results = collect(FLAGS.quick, FLAGS.tables, FLAGS.contrastive_max_run)
-  results["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+  json_path = os.path.join(os.path.dirname(os.path.abspath(FLAGS.output)), "benchmarks", "results.json")
+  if FLAGS.from_json:
+    with open(FLAGS.from_json) as f:
+      results = json.load(f)
+    for path in FLAGS.merge_json:
+      with open(path) as f:
+        extra = json.load(f)
+      for key in ("peaks", "train_step", "ablations", "contrastive", "search", "encoder"):
+        if key in extra:
+          results[key] = extra[key]
+          results.setdefault("durations", {})[key] = extra["durations"][key]
+          results.setdefault("merged", {})[key] = extra.get("command", path)
+      results["total_seconds"] += extra["total_seconds"]
+  else:
+    results = collect(FLAGS.quick, FLAGS.tables, FLAGS.contrastive_max_run)
+    results["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    common.write_json_atomic(json_path, results)  # first: a rendering bug must not lose the measurements
   text = report.render(results)
   tmp = f"{FLAGS.output}.tmp-{os.getpid()}"
   try:
@@ -67,9 +86,7 @@ def main(argv):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  json_path = os.path.join(os.path.dirname(FLAGS.output), "benchmarks", "results.json")
-  common.write_json_atomic(json_path, results)
-  print(f"wrote {FLAGS.output} ({results['total_seconds']:.0f} s) and {json_path}")
+  print(f"wrote {FLAGS.output} ({results['total_seconds']:.0f} s of measurements); raw results in {json_path}")
 
 
 if __name__ == "__main__":

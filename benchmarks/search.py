@@ -86,7 +86,7 @@ def run(sizes=(100_000, 1_000_000), num_queries: int = 1000, k: int = 10, dim: i
     if "numpy" in res:
       row["agree_numpy_faiss"] = agreement(fv, fi, *res["numpy"])
     rows.append(row)
-    del gal, flat, res
+
   return rows
 
 

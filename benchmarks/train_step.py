@@ -12,7 +12,6 @@ gradient); XLA's own count (`compiled.cost_analysis()`) is reported beside it.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 

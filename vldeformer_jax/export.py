@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vldeformer_jax import fileio
 from vldeformer_jax.model_config import ModelConfig
 
 FORMAT = "vldeformer_jax.export"
@@ -140,13 +141,7 @@ def write_export(path: str | os.PathLike, params, model_config: ModelConfig, voc
       shutil.copyfile(vocab_file, os.path.join(tmp, VOCAB_FILE))
       with open(os.path.join(tmp, META_FILE), "w") as f:
         f.write(meta_text)
-      if os.path.exists(path):  # overwrite=True: checked above
-        old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-      else:
-        os.rename(tmp, path)
+      fileio.replace_dir(tmp, path)  # an existing export only with overwrite=True: checked above
   except BaseException:
     if primary:
       shutil.rmtree(tmp, ignore_errors=True)

@@ -18,8 +18,6 @@ the one jitted step; each micro-batch is its own contrastive pool.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import math
 import os

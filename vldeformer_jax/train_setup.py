@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -24,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vldeformer_jax import checkpoint as ckpt_lib
+from vldeformer_jax import fileio
 from vldeformer_jax import inputs
-from vldeformer_jax import parallel
 from vldeformer_jax.model import init_params
 from vldeformer_jax.model_config import ModelConfig
 
@@ -125,12 +124,6 @@ class Init:
   description: str
 
 
-def _write_atomic_copy(src: str, dst: str) -> None:
-  tmp = dst + ".tmp"
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
 def model_config_from(config) -> tuple[ModelConfig, str | None, str]:
   """(model config, export path or None, vocab file) the config asks for, before any resume."""
   lengths = {"max_text_len": int(config.data.max_text_len), "max_regions": int(config.data.max_regions)}
@@ -159,10 +152,8 @@ def initial_model(config, workdir: str) -> Init:
       log.warning("%s differs from the config (saved, config): %s; the saved one is used", saved_config, diff)
     return Init(saved, saved_vocab, export_path, f"model config from {saved_config}")
   if jax.process_index() == 0:
-    tmp = saved_config + ".tmp"
-    wanted.to_json(tmp)
-    os.replace(tmp, saved_config)
-    _write_atomic_copy(vocab, saved_vocab)
+    fileio.write_json_atomic(saved_config, wanted.to_dict())
+    fileio.copy_file_atomic(vocab, saved_vocab)
   desc = f"export {export_path}" if export_path else f"random init (seed {config.seed})"
   return Init(wanted, saved_vocab if jax.process_index() == 0 else vocab, export_path, desc)
 

@@ -32,6 +32,7 @@ from tensorflow_datasets.core import dataset_info as dataset_info_lib
 from tensorflow_datasets.core import sequential_writer
 from tqdm import tqdm
 
+from vldeformer_jax import fileio
 from vldeformer_jax.data import vinvl
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str
         writer.add_examples({plan.name: batch})
       writer.close_splits([plan.name])
       log.info("split %s: %d images written", plan.name, len(plan.image_ids))
-    _replace_dir(tmp, final)
+    fileio.replace_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     if created_name_dir and os.path.isdir(name_dir) and not os.listdir(name_dir):
@@ -204,19 +205,3 @@ def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str
   log.info("wrote %s (feature dim %d; %s)", final, feature_dim,
            ", ".join(f"{p.name}: {len(p.image_ids)}" for p in plans))
   return final
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-  """Renames `tmp` to `final`; an existing `final` is moved aside first and removed only afterwards."""
-  old = None
-  if os.path.exists(final):
-    old = f"{os.path.dirname(final)}/.old-{os.path.basename(final)}-{uuid.uuid4().hex[:8]}"
-    os.rename(final, old)
-  try:
-    os.rename(tmp, final)
-  except OSError:
-    if old:
-      os.rename(old, final)  # put the previous dataset back
-    raise
-  if old:
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,10 +20,11 @@ import binascii
 import json
 import logging
 import os
-import uuid
 from typing import Iterable
 
 import numpy as np
+
+from vldeformer_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,6 @@ def scan_line_offsets(tsv_path: str, chunk_bytes: int = 1 << 24) -> np.ndarray:
   return np.asarray(offsets, np.int64)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary sibling of `path`, then renames it: readers never see half a file."""
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 class TsvFile:
   """Random access to the rows of a TSV file through its `.lineidx` (one byte offset a line).
 
@@ -96,7 +85,7 @@ class TsvFile:
       log.warning("%s is missing: rebuilding it by scanning %s", self.lineidx, path)
       self.offsets = scan_line_offsets(path)
       try:
-        write_text_atomic(self.lineidx, "".join(f"{o}\n" for o in self.offsets.tolist()))
+        fileio.write_text_atomic(self.lineidx, "".join(f"{o}\n" for o in self.offsets.tolist()))
         log.warning("rebuilt %s (%d rows)", self.lineidx, len(self.offsets))
       except OSError as e:
         log.warning("could not save the rebuilt %s (%s); using it in memory", self.lineidx, e)

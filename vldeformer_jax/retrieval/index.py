@@ -26,11 +26,12 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from vldeformer_jax import fileio
 from vldeformer_jax.retrieval import search
 from vldeformer_jax.retrieval.search import TopK, exact_topk  # noqa: F401  (public: the exact search)
 
@@ -45,26 +46,7 @@ class BadIndexError(ValueError):
   """A missing, corrupt, stale or foreign index (the message says which file and what to do)."""
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """JSON to `path` via a temporary sibling file and a rename: never half-written."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+write_json_atomic = fileio.write_json_atomic
 
 
 def _sha256(path: str) -> str:
@@ -110,13 +92,7 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     meta.update({k: v for k, v in (metadata or {}).items() if k not in meta})
     write_json_atomic(os.path.join(tmp, META), meta)
-    if os.path.exists(path):
-      old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
+    fileio.replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
