@@ -51,7 +51,7 @@ def peaks(p: dict) -> str:
   return "\n".join(lines) + "\n" + note
 
 
-def train_step(t: dict) -> str:
+def train_step(t: dict, load: float | None = None, cores: int | None = None) -> str:
   if (e := _error(t)):
     return e
   c = t["config"]
@@ -84,6 +84,12 @@ def train_step(t: dict) -> str:
       _goal(t["fraction_of_jax_fp32_peak"] >= 0.75,
             f"{100 * t['fraction_of_jax_fp32_peak']:.0f}% of XLA's fp32 matmul peak (target >= 75%)"),
   ]
+  if t["fraction_of_jax_fp32_peak"] > 1.0 or (load and cores and load > cores):
+    lines.append(
+        f"- **Inconclusive**: this run shared the machine (load average {load:.1f} on {cores} cores at the "
+        "start). A fraction above 100% means the peak measurement itself was "
+        "depressed by other processes, and the per-pair ratios spread widely: the two libraries do not slow "
+        "down equally under contention. Re-run on an idle machine before quoting either goal.")
   return "\n".join(lines) + "\n"
 
 
@@ -196,7 +202,8 @@ def render(r: dict[str, Any]) -> str:
             "contrastive": "2. Contrastive loss: memory and time vs pool size",
             "search": "3. Gallery search: top-10 for 1000 queries",
             "encoder": "4. Encoder throughput (gallery embedding)"}
-  renderers = {"peaks": peaks, "train_step": train_step, "ablations": ablations, "contrastive": contrastive,
+  load = (r["machine"].get("load_average") or [None])[0]
+  renderers = {"peaks": peaks, "train_step": lambda t: train_step(t, load, r["machine"].get("cores")), "ablations": ablations, "contrastive": contrastive,
                "search": search, "encoder": encoder}
   for key, title in titles.items():
     if key in r:

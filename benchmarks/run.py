@@ -73,6 +73,8 @@ def main(argv):
           results.setdefault("durations", {})[key] = extra["durations"][key]
           results.setdefault("merged", {})[key] = extra.get("command", path)
       results["total_seconds"] += extra["total_seconds"]
+    if FLAGS.merge_json:
+      common.write_json_atomic(json_path, results)
   else:
     results = collect(FLAGS.quick, FLAGS.tables, FLAGS.contrastive_max_run)
     results["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
