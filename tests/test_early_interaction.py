@@ -204,6 +204,34 @@ def test_mlm_loss_matches_full_sequence_reference(model_and_params):
   np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + ref, rtol=1e-5)
 
 
+def test_itc_term_matches_numpy_infonce_and_reuses_embeddings_for_hard_negatives(model_and_params):
+  model, params = model_and_params
+  batch = make_batch(6, seed=7)
+  tau = 0.1
+  cfg = train_config(negatives="hard_embed", itc_weight=0.5, itc_temperature=tau)
+  loss, m = jax.jit(lambda p, b, r: ei.early_interaction_loss(model, p, b, r, cfg))(
+      params, batch, jax.random.PRNGKey(3))
+  text, image = ei.split_batch(batch)
+  t = np.asarray(model.apply({"params": params}, *[text[k] for k in TEXT_KEYS], method=VLDeformer.embed))
+  v = np.asarray(model.apply({"params": params}, *[image[k] for k in IMAGE_KEYS], method=VLDeformer.embed))
+  t, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (t, v))
+  x = (t @ v.T).astype(np.float64) / tau
+
+  def ce(z):  # rows are queries, the diagonal is the positive
+    return np.mean(np.log(np.exp(z).sum(1)) - np.diag(z))
+
+  np.testing.assert_allclose(float(m["itc_loss"]), ce(x) + ce(x.T), rtol=1e-4)
+  np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + 0.5 * float(m["itc_loss"]) + float(m["mlm_loss"]),
+                             rtol=1e-5)
+  # the ITC embeddings pick the same hard negatives as hard_by_embedding's own passes
+  opts = ei.options(cfg)
+  got, _ = ei.build_match_pairs(model, params, batch, jax.random.PRNGKey(0), opts,
+                                embeddings=(jnp.asarray(t), jnp.asarray(v)))
+  ref, _ = ei.build_match_pairs(model, params, batch, jax.random.PRNGKey(0), opts)
+  for k in ref:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
+
+
 def test_sharded_batch_gives_the_same_loss(model_and_params):
   model, params = model_and_params
   batch = make_batch(8, seed=4, k_neg=1)

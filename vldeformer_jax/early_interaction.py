@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vldeformer_jax.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
-from vldeformer_jax.losses import match_loss, mlm_loss
+from vldeformer_jax.losses import contrastive_loss, match_loss, mlm_loss
 from vldeformer_jax.model import VLDeformer
 
 Array = jax.Array
@@ -40,6 +40,8 @@ DEFAULTS = {
     "composed_negatives": True,  # use the pipeline's neg_text_* / neg_image_* when the batch has them
     "balanced": True,           # ITM: positives and negatives weigh half each (else the plain mean over pairs,
                                 # whose 1:4 label prior is a plateau a model trained from scratch sits on)
+    "itc_weight": 0.0,          # > 0: add an image-text contrastive term on the decomposed embeddings (ALBEF)
+    "itc_temperature": 0.05,    # its temperature (both directions)
     "mlm_probability": 0.15,
     "max_predictions": 10,      # masked positions per packed sequence (fixed, so shapes are static)
     "mask_token_id": 103,
@@ -100,10 +102,14 @@ def _same_item(batch, n: int) -> Array:
   return same
 
 
-def hard_by_embedding(model, params, text, image, same, k: int) -> tuple[Array, Array]:
-  """Hardest k images per caption and k captions per image by decomposed cosine similarity."""
-  t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], method=VLDeformer.embed)
-  v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], method=VLDeformer.embed)
+def hard_by_embedding(model, params, text, image, same, k: int, embeddings=None) -> tuple[Array, Array]:
+  """Hardest k images per caption and k captions per image by decomposed cosine similarity
+  (`embeddings`: the (text, image) embeddings when the caller already has them, e.g. from the ITC term)."""
+  if embeddings is None:
+    t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], method=VLDeformer.embed)
+    v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], method=VLDeformer.embed)
+  else:
+    t, v = embeddings
   t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
   v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
   sim = jax.lax.stop_gradient(jnp.where(same, -jnp.inf, t @ v.T))  # [text, image]
@@ -167,7 +173,7 @@ def mask_tokens(rng: Array, pairs: Mapping[str, Array], opts: Mapping[str, Any],
   return masked, positions, labels, weights
 
 
-def build_match_pairs(model, params, batch, rng, opts) -> tuple[dict, Array]:
+def build_match_pairs(model, params, batch, rng, opts, embeddings=None) -> tuple[dict, Array]:
   """Packed early-interaction pairs of a batch and their labels (1 = match): positives first."""
   text, image = split_batch(batch)
   n = text["input_ids"].shape[0]
@@ -177,7 +183,7 @@ def build_match_pairs(model, params, batch, rng, opts) -> tuple[dict, Array]:
     r_img, r_txt = jax.random.split(rng)
     img_for_text, text_for_img = random_others(r_img, n, k), random_others(r_txt, n, k)
   elif opts["negatives"] == "hard_embed":
-    img_for_text, text_for_img = hard_by_embedding(model, params, text, image, same, k)
+    img_for_text, text_for_img = hard_by_embedding(model, params, text, image, same, k, embeddings)
   else:
     img_for_text, text_for_img = hard_by_match_score(
         model, params, text, image, same, k, int(opts["hard_candidates"]), rng)
@@ -208,8 +214,24 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
   """
   opts = options(config)
   mlm_weight = float(config.get("loss", {}).get("mlm_weight", 1.0))
-  r_neg, r_drop_itm, r_mask, r_drop_mlm = jax.random.split(rng, 4)
-  pairs, labels = build_match_pairs(model, params, batch, r_neg, opts)
+  r_neg, r_drop_itm, r_mask, r_drop_mlm, r_drop_itc = jax.random.split(rng, 5)
+  itc_weight = float(opts["itc_weight"])
+  embeddings, metrics = None, {}
+  if itc_weight > 0:
+    # ALBEF / Oscar+-style auxiliary: the single-modality passes of stage 2, in-batch InfoNCE. It shapes the
+    # token and region representations the joint input is built from; the match score stays the ITM head.
+    text, image = split_batch(batch)
+    r_t, r_v = jax.random.split(r_drop_itc)
+    t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], deterministic=False,
+                    method=VLDeformer.embed, rngs={"dropout": r_t})
+    v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], deterministic=False,
+                    method=VLDeformer.embed, rngs={"dropout": r_v})
+    tau = float(opts["itc_temperature"])
+    itc, itc_metrics = contrastive_loss(t, v, temperature_t2i=tau, temperature_i2t=tau)
+    metrics.update(itc_loss=itc, itc_t2i_accuracy=itc_metrics["t2i_accuracy"],
+                   itc_i2t_accuracy=itc_metrics["i2t_accuracy"])
+    embeddings = (t, v)
+  pairs, labels = build_match_pairs(model, params, batch, r_neg, opts, embeddings)
   logits = model.apply({"params": params}, *[pairs[x] for x in IMAGE_KEYS], deterministic=False,
                        method=VLDeformer.match_logits, rngs={"dropout": r_drop_itm})
   if opts["balanced"]:
@@ -222,13 +244,15 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
     itm_loss, itm_metrics = match_loss(logits, labels)
   is_pos = labels == 1
   prob = jax.nn.softmax(logits, axis=-1)[:, 1]
-  metrics = {
+  metrics.update({
       "itm_loss": itm_loss,
       "itm_accuracy": itm_metrics["match_accuracy"],
       "match_prob_pos": jnp.sum(jnp.where(is_pos, prob, 0.0)) / jnp.maximum(jnp.sum(is_pos), 1),
       "match_prob_neg": jnp.sum(jnp.where(is_pos, 0.0, prob)) / jnp.maximum(jnp.sum(~is_pos), 1),
-  }
+  })
   loss = itm_loss
+  if itc_weight > 0:
+    loss = loss + itc_weight * metrics["itc_loss"]
   if mlm_weight > 0:
     n = batch["text_input_ids"].shape[0]
     pos = {k: v[:n] for k, v in pairs.items()}

@@ -71,9 +71,16 @@ class Encoder:
                            packed["attention_mask"], packed["img_feats"], method=VLDeformer.match_logits)
       return jax.nn.softmax(logits, axis=-1)[:, 1]
 
+    def match_margin(params, text, image):
+      packed = inputs.pack_pairs(text, image)
+      logits = model.apply({"params": params}, packed["input_ids"], packed["token_type_ids"],
+                           packed["attention_mask"], packed["img_feats"], method=VLDeformer.match_logits)
+      return logits[:, 1] - logits[:, 0]
+
     # One jitted function per forward; jax caches one executable per (structure, shape) of the batch.
     self._embed = jax.jit(embed)
     self._match = jax.jit(match)
+    self._match_margin = jax.jit(match_margin)
 
   @classmethod
   def load(cls, path: str, dtype: str | None = None, **kwargs) -> "Encoder":
@@ -210,6 +217,16 @@ class Encoder:
     text = {k: np.asarray(text[k], np.int32) for k in inputs.TEXT_KEYS}
     image = {k: np.asarray(image[k], np.float32 if k == "img_feats" else np.int32) for k in inputs.IMAGE_KEYS}
     return self._batched(self._match, [text, image], batch_size, ())
+
+  def match_logit_margin_inputs(self, text: Mapping[str, np.ndarray], image: Mapping[str, np.ndarray], *,
+                                batch_size=None) -> np.ndarray:
+    """logit[1] - logit[0] of the early-interaction head for pairs (text row i, image row i), float32 [N].
+
+    Orders pairs exactly as `match_scores_inputs` (softmax[1] = sigmoid(margin)) but never saturates into
+    ties at 1.0 in float32, so rankings use it (`retrieval.evaluate`)."""
+    text = {k: np.asarray(text[k], np.int32) for k in inputs.TEXT_KEYS}
+    image = {k: np.asarray(image[k], np.float32 if k == "img_feats" else np.int32) for k in inputs.IMAGE_KEYS}
+    return self._batched(self._match_margin, [text, image], batch_size, ())
 
   def match_scores(self, region_features: Sequence[np.ndarray], tags: Sequence[str], captions: Sequence[str], *,
                    batch_size=None) -> np.ndarray:

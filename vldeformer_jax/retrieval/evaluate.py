@@ -3,7 +3,7 @@
 Decomposed (the VLDeformer way, spec 6): every image and every caption is encoded once (batched by the
 Encoder, sharded over all devices with a mesh, the padded last batch dropped), L2-normalised, and one
 [N_img, N_txt] similarity matrix gives every rank. The early-interaction (cross-encoder) baseline scores
-every (image, caption) pair with the same weights (`Encoder.match_scores_inputs`), which is N_img x N_txt
+every (image, caption) pair with the same weights (`Encoder.match_logit_margin_inputs`), N_img x N_txt
 forward passes: `max_images` restricts both to the same first-N-images subset when that is too slow.
 Re-ranking re-scores each query's top-K from the decomposed similarity with the cross-encoder.
 
@@ -196,14 +196,14 @@ def rerank(encoder, gallery: Gallery, sim: np.ndarray, top_k: int, batch_size: i
     # i2t pairs: (image, its shortlisted captions)
     pi = np.repeat(np.arange(len(imgs)), k_txt)
     pt = top_t[imgs].reshape(-1)
-    s = encoder.match_scores_inputs({k: v[pt] for k, v in text_all.items()},
-                                    {k: v[pi] for k, v in img_x.items()}, batch_size=batch_size)
+    s = encoder.match_logit_margin_inputs({k: v[pt] for k, v in text_all.items()},
+                                          {k: v[pi] for k, v in img_x.items()}, batch_size=batch_size)
     cross_i2t[imgs] = s.reshape(len(imgs), k_txt)
     # t2i pairs whose shortlisted image is in this chunk
     q, slot = np.nonzero((top_i >= a) & (top_i < a + len(imgs)))
     if len(q):
-      s = encoder.match_scores_inputs({k: v[q] for k, v in text_all.items()},
-                                      {k: v[top_i[q, slot] - a] for k, v in img_x.items()}, batch_size=batch_size)
+      s = encoder.match_logit_margin_inputs({k: v[q] for k, v in text_all.items()},
+                                            {k: v[top_i[q, slot] - a] for k, v in img_x.items()}, batch_size=batch_size)
       cross_t2i[q, slot] = s
   sim_i2t = _rerank_matrix(sim, top_t, cross_i2t)
   sim_t2i = _rerank_matrix(sim.T, top_i, cross_t2i).T
@@ -255,7 +255,8 @@ def cross_encoder_scores(encoder, source_or_records, batch_size: int | None = No
                          max_images: int | None = None, image_chunk: int = 16,
                          progress: bool = True) -> tuple[np.ndarray, Gallery, float]:
   """Early-interaction score of every (image, caption) pair: ([N_img, N_txt] float32, the gallery, the
-  seconds spent in forward passes).
+  seconds spent in forward passes). The score is the logit margin logit[1] - logit[0]
+  (`Encoder.match_logit_margin_inputs`): the same order as softmax[1], without float32 ties at 1.0.
 
   N_img x N_txt forward passes: use `max_images` to keep it to a feasible subset.
   """
@@ -265,8 +266,8 @@ def cross_encoder_scores(encoder, source_or_records, batch_size: int | None = No
   scores = np.empty((n_img, n_txt), np.float32)
   seconds = 0.0  # forward passes only: compilation (a warm-up batch) and input reading excluded
   if n_img and n_txt:
-    encoder.match_scores_inputs(gallery.text_inputs(encoder, [0]), gallery.image_inputs(encoder, [0]),
-                                batch_size=batch_size)
+    encoder.match_logit_margin_inputs(gallery.text_inputs(encoder, [0]), gallery.image_inputs(encoder, [0]),
+                                      batch_size=batch_size)
   bar = tqdm(total=n_img * n_txt, desc="cross-encoder pairs", unit="pair", disable=not progress)
   for a in range(0, n_img, image_chunk):
     imgs = np.arange(a, min(a + image_chunk, n_img))
@@ -274,7 +275,7 @@ def cross_encoder_scores(encoder, source_or_records, batch_size: int | None = No
     for i in range(len(imgs)):
       one = {k: np.broadcast_to(v[i], (n_txt,) + v.shape[1:]) for k, v in img_x.items()}
       t = time.perf_counter()
-      scores[imgs[i]] = encoder.match_scores_inputs(text_all, one, batch_size=batch_size)
+      scores[imgs[i]] = encoder.match_logit_margin_inputs(text_all, one, batch_size=batch_size)
       seconds += time.perf_counter() - t
       bar.update(n_txt)
   bar.close()
