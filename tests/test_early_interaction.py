@@ -204,16 +204,21 @@ def test_mlm_loss_matches_full_sequence_reference(model_and_params):
   np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + ref, rtol=1e-5)
 
 
-def test_itc_term_matches_numpy_infonce_and_reuses_embeddings_for_hard_negatives(model_and_params):
+@pytest.mark.parametrize("pooling", ["cls", "model"])
+def test_itc_term_matches_numpy_infonce_and_reuses_embeddings_for_hard_negatives(model_and_params, pooling):
   model, params = model_and_params
   batch = make_batch(6, seed=7)
   tau = 0.1
-  cfg = train_config(negatives="hard_embed", itc_weight=0.5, itc_temperature=tau)
+  cfg = train_config(negatives="hard_embed", itc_weight=0.5, itc_temperature=tau, itc_pooling=pooling)
   loss, m = jax.jit(lambda p, b, r: ei.early_interaction_loss(model, p, b, r, cfg))(
       params, batch, jax.random.PRNGKey(3))
   text, image = ei.split_batch(batch)
-  t = np.asarray(model.apply({"params": params}, *[text[k] for k in TEXT_KEYS], method=VLDeformer.embed))
-  v = np.asarray(model.apply({"params": params}, *[image[k] for k in IMAGE_KEYS], method=VLDeformer.embed))
+  if pooling == "cls":  # the pooler output tanh(Dense(h_CLS)) that the ITM head reads
+    emb = lambda x: model.apply({"params": params}, *x, method=VLDeformer.encode)[1]
+  else:
+    emb = lambda x: model.apply({"params": params}, *x, method=VLDeformer.embed)
+  t = np.asarray(emb([text[k] for k in TEXT_KEYS]))
+  v = np.asarray(emb([image[k] for k in IMAGE_KEYS]))
   t, v = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (t, v))
   x = (t @ v.T).astype(np.float64) / tau
 
@@ -223,7 +228,9 @@ def test_itc_term_matches_numpy_infonce_and_reuses_embeddings_for_hard_negatives
   np.testing.assert_allclose(float(m["itc_loss"]), ce(x) + ce(x.T), rtol=1e-4)
   np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + 0.5 * float(m["itc_loss"]) + float(m["mlm_loss"]),
                              rtol=1e-5)
-  # the ITC embeddings pick the same hard negatives as hard_by_embedding's own passes
+  if pooling == "cls":
+    return
+  # the reused ITC embeddings pick the same hard negatives as hard_by_embedding's own passes
   opts = ei.options(cfg)
   got, _ = ei.build_match_pairs(model, params, batch, jax.random.PRNGKey(0), opts,
                                 embeddings=(jnp.asarray(t), jnp.asarray(v)))
@@ -275,3 +282,5 @@ def test_unknown_option_is_named():
     ei.options(train_config(hardest=1))
   with pytest.raises(ValueError, match="negatives"):
     ei.options(train_config(negatives="nope"))
+  with pytest.raises(ValueError, match="itc_pooling"):
+    ei.options(train_config(itc_pooling="mean"))

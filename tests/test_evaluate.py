@@ -114,9 +114,10 @@ def test_evaluate_equals_brute_force_and_is_the_same_on_8_devices(setup):
 def test_cross_encoder_and_reranking_equal_brute_force(setup):
   enc, recs = setup
   model, tok = VLDeformer(CFG), enc.tokenizer
-  score = jax.jit(lambda p, x: jax.nn.softmax(model.apply(
+  # the ranking score is the logit margin logit[1] - logit[0] (same order as softmax[1], no ties at 1.0)
+  score = jax.jit(lambda p, x: (lambda l: l[:, 1] - l[:, 0])(model.apply(
       {"params": p}, x["input_ids"], x["token_type_ids"], x["attention_mask"], x["img_feats"],
-      method=VLDeformer.match_logits), axis=-1)[:, 1])
+      method=VLDeformer.match_logits)))
   caps = [c.decode() for r in recs for c in r["captions"]]
   txt2img = np.array([i for i, r in enumerate(recs) for _ in r["captions"]])
   ref = np.zeros((len(recs), len(caps)))

@@ -15,6 +15,10 @@ tokenising again:
 - the pipeline's composed bi-modal hard negatives (`neg_text_*`, `neg_image_*`, spec 11.6) when present:
   (caption_i, composed image_ik) and (composed caption_ik, image_i).
 
+Optionally (`itc_weight` > 0) an ALBEF-style image-text contrastive term on the single-modality [CLS]
+pooler outputs (or the model's decomposed embedding), whose embeddings `hard_embed` then reuses; the match
+score stays the ITM head on the joint input.
+
 Everything here is traceable: call it inside `jax.jit` on process-local or global (sharded) arrays.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ DEFAULTS = {
                                 # whose 1:4 label prior is a plateau a model trained from scratch sits on)
     "itc_weight": 0.0,          # > 0: add an image-text contrastive term on the decomposed embeddings (ALBEF)
     "itc_temperature": 0.05,    # its temperature (both directions)
+    "itc_pooling": "cls",       # ITC embedding: 'cls' (the pooler output the ITM head reads, as ALBEF) | 'model'
     "mlm_probability": 0.15,
     "max_predictions": 10,      # masked positions per packed sequence (fixed, so shapes are static)
     "mask_token_id": 103,
@@ -58,6 +63,8 @@ def options(config) -> dict[str, Any]:
   if unknown:
     raise ValueError(f"config.early_interaction: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
   opts = {**DEFAULTS, **given}
+  if opts["itc_pooling"] not in ("cls", "model"):
+    raise ValueError(f"config.early_interaction.itc_pooling must be 'cls' or 'model', got {opts['itc_pooling']!r}")
   if opts["negatives"] not in NEGATIVE_MODES:
     raise ValueError(f"config.early_interaction.negatives must be one of {NEGATIVE_MODES}, "
                      f"got {opts['negatives']!r}")
@@ -222,10 +229,14 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
     # token and region representations the joint input is built from; the match score stays the ITM head.
     text, image = split_batch(batch)
     r_t, r_v = jax.random.split(r_drop_itc)
+    # 'cls': from random init h_CLS is nearly input-independent (uniform attention averages everything
+    # away; its std over a batch is ~1% of the other positions'), so the ITM head has no signal to learn
+    # from. Contrasting the pooler output makes [CLS] attend to and carry the content.
+    method = VLDeformer.embed if opts["itc_pooling"] == "model" else (lambda m, *a, **kw: m.encode(*a, **kw)[1])
     t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], deterministic=False,
-                    method=VLDeformer.embed, rngs={"dropout": r_t})
+                    method=method, rngs={"dropout": r_t})
     v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], deterministic=False,
-                    method=VLDeformer.embed, rngs={"dropout": r_v})
+                    method=method, rngs={"dropout": r_v})
     tau = float(opts["itc_temperature"])
     itc, itc_metrics = contrastive_loss(t, v, temperature_t2i=tau, temperature_i2t=tau)
     metrics.update(itc_loss=itc, itc_t2i_accuracy=itc_metrics["t2i_accuracy"],
