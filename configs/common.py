@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.data.generate = ""         # '' | 'demo': write the demo dataset into data_dir first if it is missing
   c.data.generate_num_train = 0  # with generate='demo': training images (0 = the generator's default)
   c.data.generate_num_test = 0   # with generate='demo': test images (0 = the generator's default)
+  c.data.generate_seed = 0      # with generate='demo': the dataset's seed (not the training seed, so runs share it)
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_text_len = 35     # caption tokens and tag tokens, each (spec 1.3); also the model's

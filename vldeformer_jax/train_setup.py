@@ -63,7 +63,7 @@ def generate_demo(config, data_dir: str) -> None:
   if config.data.generate_num_test:
     kwargs["num_test"] = int(config.data.generate_num_test)
   if jax.process_index() == 0:
-    demo.prepare_demo(data_dir, seed=config.seed, name=config.data.name, **kwargs)
+    demo.prepare_demo(data_dir, seed=config.data.generate_seed, name=config.data.name, **kwargs)
   if jax.process_count() > 1:
     from orbax.checkpoint import multihost
     multihost.sync_global_processes("vldeformer_demo_data")
