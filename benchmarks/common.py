@@ -88,7 +88,8 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """JSON to `path` via a temporary sibling and a rename."""
+  """JSON to `path` via a temporary sibling and a rename (the directory is created if missing)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "w") as f:
