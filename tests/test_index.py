@@ -11,28 +11,13 @@ import pytest
 
 from vldeformer_jax import export, inputs
 from vldeformer_jax.encoder import Encoder
-from vldeformer_jax.model import init_params
 from vldeformer_jax.model_config import ModelConfig
 from vldeformer_jax.retrieval import index, search
+from model_helpers import tiny_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_text_len=16,
             max_regions=6)
-
-
-def tiny_params(cfg, seed):
-  """Random parameters of the right shapes without compiling init (jax.eval_shape + numpy): fast."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.PRNGKey(0))
-
-  def leaf(path, x):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      return np.ones(x.shape, np.float32)
-    if name.endswith("['bias']"):
-      return np.zeros(x.shape, np.float32)
-    return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def brute_topk(q, g, k):
