@@ -55,6 +55,41 @@ def test_ties_are_broken_by_index_across_chunks_and_devices(use_mesh):
   np.testing.assert_array_equal(top.scores, ref_s)
 
 
+@pytest.mark.parametrize("values", ["random", "ties"])
+def test_two_stage_chunk_topk_equals_full_top_k(values):
+  """The block-maxima top-k returns what one lax.top_k over the chunk does, ties included (the true top-k
+  straddling blocks, several equal block maxima, -inf padding columns)."""
+  rng = np.random.default_rng(3)
+  if values == "random":
+    s = rng.normal(size=(64, 4096)).astype(np.float32)
+  else:
+    s = rng.integers(0, 4, size=(64, 4096)).astype(np.float32)  # ~1000 columns tie at the maximum
+  s[:, -300:] = -np.inf
+  s[0, 5:15] = 9.0  # a row whose top-k sits in one block
+  # A tie at the k-th place between a block with a larger maximum and an earlier one: the earlier column
+  # must win, although its block ranks second by maximum.
+  s[1, :] = -1.0
+  s[1, 0], s[1, 256], s[1, 257] = 3.0, 9.0, 3.0
+  for k in (1, 10, 15):
+    got_v, got_i = jax.jit(search._chunk_topk, static_argnums=1)(s, k)
+    ref_i = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(got_i), ref_i)
+    np.testing.assert_array_equal(np.asarray(got_v), np.take_along_axis(s, ref_i, axis=1))
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_exact_topk_with_two_stage_chunks_equals_brute_force(use_mesh):
+  # Chunks of 1024 columns (8 blocks of 128 > 2k): the two-stage path, with ties across chunks, blocks
+  # and devices, a partial last block and a padded tail.
+  rng = np.random.default_rng(4)
+  g = rng.integers(-2, 3, size=(20000, 6)).astype(np.float32)
+  q = rng.integers(-2, 3, size=(9, 6)).astype(np.float32)
+  top = search.exact_topk(q, g, 3, chunk_size=1024, block_rows=8192, mesh=mesh8() if use_mesh else None)
+  ref_s, ref_i = brute_topk(q, g, 3)
+  np.testing.assert_array_equal(top.indices, ref_i)
+  np.testing.assert_array_equal(top.scores, ref_s)
+
+
 def test_k_larger_than_gallery_pads_with_minus_one():
   g = np.eye(3, dtype=np.float32)
   top = search.exact_topk(np.array([[0.0, 1.0, 0.5]], np.float32), g, 5, chunk_size=2)

@@ -175,7 +175,7 @@ class Index:
           f"the export that built the index, or rebuild the index with this one.")
 
   def search(self, queries: np.ndarray, k: int = 10, *, rescore_factor: int = 10, mesh=None,
-             chunk_size: int = 2048, exact: bool | None = None) -> TopK:
+             chunk_size: int = search.DEFAULT_CHUNK, exact: bool | None = None) -> TopK:
     """Top-k rows for L2-normalised queries [Q, D]. A compact index scans its codes for a shortlist of
     k * rescore_factor rows, then re-scores those in float (`exact=True` scans the float rows instead)."""
     queries = np.atleast_2d(np.asarray(queries, np.float32))

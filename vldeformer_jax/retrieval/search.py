@@ -89,6 +89,34 @@ def _merge(vals_a, idx_a, vals_b, idx_b, k):
   return top, jnp.take_along_axis(idx, pos, axis=1)
 
 
+DEFAULT_CHUNK = 8192  # gallery rows scored per step (see search_codes)
+_TOPK_BLOCK = 128  # columns per block of the two-stage top-k
+
+
+def _chunk_topk(scores, k):
+  """lax.top_k(scores, k) of a [Q, C] score chunk, exactly, in two cheap stages when C is large.
+
+  Stage 1 takes the maximum of each block of 128 columns (one pass, fused after the matmul) and the k
+  blocks with the largest maxima; stage 2 is an exact top-k over the k * 128 scores of those blocks. Exact:
+  a row's true top-k lie in those blocks, since a block left out has k chosen blocks whose maxima are at
+  least as large (and, when equal, earlier: lax.top_k keeps the lower block on ties), i.e. k better
+  elements. The chosen blocks are gathered in ascending block order, so stage 2's tie rule (lower position
+  first) is still ascending column. Measured on this CPU (1000 x 100K x 768, one thread, same run): the
+  whole search took 0.93x the time of the same scan with one lax.top_k per 8192-column chunk.
+  """
+  qn, c = scores.shape
+  num_blocks = c // _TOPK_BLOCK
+  if c % _TOPK_BLOCK or num_blocks <= 2 * k:
+    return lax.top_k(scores, k)
+  blocks = scores.reshape(qn, num_blocks, _TOPK_BLOCK)
+  _, chosen = lax.top_k(jnp.max(blocks, axis=2), k)
+  chosen = jnp.sort(chosen, axis=1)
+  cand = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(qn, k * _TOPK_BLOCK)
+  top, pos = lax.top_k(cand, k)
+  cols = jnp.take_along_axis(chosen, pos // _TOPK_BLOCK, axis=1) * _TOPK_BLOCK + pos % _TOPK_BLOCK
+  return top, cols
+
+
 def _scan_rows(q, codes, scales, offset, n_valid, *, k, chunk, kind, dim):
   """Top-k of q against `codes` rows [n, ...] (n a multiple of chunk), global row = offset + local row."""
   n = codes.shape[0]
@@ -104,7 +132,7 @@ def _scan_rows(q, codes, scales, offset, n_valid, *, k, chunk, kind, dim):
     scores = jnp.dot(q, _decode(kind, dim, c, s).T, precision=lax.Precision.HIGHEST)
     scores = jnp.where(rows[None, :] < n_valid, scores, _NEG)
     kk = min(k, chunk)
-    top, pos = lax.top_k(scores, kk)
+    top, pos = _chunk_topk(scores, kk)
     return _merge(vals, idx, top, rows[pos], k), None
 
   init = (jnp.full((qn, k), _NEG, jnp.float32), jnp.full((qn, k), -1, jnp.int32))
@@ -152,14 +180,16 @@ def _mesh_axis(mesh: Mesh | None):
 
 
 def search_codes(queries: np.ndarray, codes: np.ndarray, k: int, *, kind: str = "float",
-                 scales: np.ndarray | None = None, dim: int | None = None, chunk_size: int = 2048,
+                 scales: np.ndarray | None = None, dim: int | None = None, chunk_size: int = DEFAULT_CHUNK,
                  block_rows: int = 1 << 18, query_batch: int = 1024, mesh: Mesh | None = None) -> TopK:
   """Top-k gallery rows for each query by inner product, ties by ascending index (see module docstring).
 
   queries [Q, D] float; codes [N, ...] (numpy or np.memmap: read one block of `block_rows` at a time);
   `mesh`: split each block's rows over all of the mesh's devices. Memory: one block of codes plus
-  [query_batch, chunk_size] scores per device. The default chunk (2048 rows) was the fastest of
-  2048/4096/8192 for 1000 x 100K x 768 on this CPU, where the search costs about what the bare matmul does.
+  [query_batch, chunk_size] scores per device. The default chunk (8192 rows) was the fastest of
+  2048/4096/8192 with the two-stage top-k (`_chunk_topk`) for 1000 x 100K x 768 on this CPU, where the
+  search then costs about what the bare matmul does. A numpy gallery that is C-contiguous and 64-byte
+  aligned (a memory-mapped .npy is) is read in place; any other is copied block by block.
   """
   if kind not in KINDS:
     raise ValueError(f"unknown gallery code kind {kind!r}; expected one of {KINDS}")
@@ -181,6 +211,17 @@ def search_codes(queries: np.ndarray, codes: np.ndarray, k: int, *, kind: str = 
   chunk = max(1, min(chunk_size, -(-n // ndev) if n else 1))
   unit = chunk * ndev
   block = max(unit, min(block_rows, -(-max(n, 1) // unit) * unit) // unit * unit)
+  # Full blocks, then the rest of the gallery as its largest multiple of `unit` rows, then a tail of fewer
+  # than `unit` rows padded to one unit: at most three shapes to compile, and no block is ever copied to
+  # pad it (a C-contiguous, 64-byte aligned numpy block, e.g. of a memory-mapped .npy, reaches the device
+  # without a copy at all on the CPU).
+  full = n // block * block
+  rest = (n - full) // unit * unit
+  segments = [(a, block) for a in range(0, full, block)]
+  if rest:
+    segments.append((full, rest))
+  if full + rest < n or n == 0:
+    segments.append((full + rest, unit))
   fn = _block_fn(k, chunk, kind, dim, mesh, axis)
   shard = NamedSharding(mesh, P(axis)) if mesh is not None else None
   out_v = np.empty((len(queries), k), np.float32)
@@ -192,12 +233,12 @@ def search_codes(queries: np.ndarray, codes: np.ndarray, k: int, *, kind: str = 
     q = jnp.asarray(np.pad(q, ((0, pad_q), (0, 0))) if pad_q else q)
     cv = jnp.full((qb, k), _NEG, jnp.float32)
     ci = jnp.full((qb, k), -1, jnp.int32)
-    for start in range(0, max(n, 1), block):
-      c = np.asarray(codes[start:start + block])
-      s = np.asarray(scales[start:start + block], np.float32)
-      if len(c) < block:  # pad the last block: one compile per shape
-        c = np.concatenate([c, np.zeros((block - len(c),) + c.shape[1:], c.dtype)])
-        s = np.concatenate([s, np.ones((block - len(s),), np.float32)])
+    for start, size in segments:
+      c = np.asarray(codes[start:start + size])
+      s = np.asarray(scales[start:start + size], np.float32)
+      if len(c) < size:  # the tail: padded to one unit (masked by n_valid)
+        c = np.concatenate([c, np.zeros((size - len(c),) + c.shape[1:], c.dtype)])
+        s = np.concatenate([s, np.ones((size - len(s),), np.float32)])
       if shard is not None:
         c, s = jax.device_put(c, shard), jax.device_put(s, shard)
       cv, ci = fn(q, c, s, np.int32(start), np.int32(n), cv, ci)
