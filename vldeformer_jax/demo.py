@@ -28,7 +28,7 @@ import os
 import time
 from typing import Any
 
-import numpy as np
+from vldeformer_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +53,11 @@ class DemoPlan:
   bert_num_steps: int = 30        # MiniLM (6 x 384) is ~13x the FLOPs of the demo model per token
   bert_global_batch_size: int = 16
   bert_dir: str | None = None     # a HF BERT directory (config.json, vocab.txt, weights); None: MiniLM
-  gallery_sizes: tuple[int, ...] = (100, 250, 500, 1000, 2500, 5000)  # images; 5 captions each
+  gallery_sizes: tuple[int, ...] = (100, 250, 500, 1000, 2500, 5000)  # images; 5 captions each; the
+                                  # last is the headline speedup's gallery (COCO-5K: 5000 x 25000)
+  timing_pairs: int = 2048        # cross-encoder pairs timed for the speed comparison
   captions_per_image: int = 5
   progress: bool = True
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def _read_json(path: str) -> Any:
@@ -91,7 +76,7 @@ def _cached(path: str, fn, what: str):
   t = time.perf_counter()
   out = fn()
   out["_seconds"] = time.perf_counter() - t
-  _write_json(path, out)
+  fileio.write_json_atomic(path, out)
   return out
 
 
@@ -217,45 +202,25 @@ def _evaluate_all(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> di
   return out
 
 
-def time_retrieval(cross: dict, decomposed_full: dict, embed_dim: int, plan: DemoPlan) -> dict:
-  """Retrieval time of both models against gallery size (n images, 5n captions, both directions).
+def time_retrieval(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> dict:
+  """Retrieval time of both models against gallery size (retrieval/timing.compare): the decomposed model
+  encodes the whole test split (timed), the cross-encoder scores `plan.timing_pairs` sampled pairs (timed),
+  both extrapolated to n images x 5n captions, the search measured at each size."""
+  import jax
+  from vldeformer_jax import parallel
+  from vldeformer_jax.data import prepare
+  from vldeformer_jax.encoder import Encoder
+  from vldeformer_jax.retrieval import timing
 
-  Cross-encoder: n * 5n pair scores at the measured seconds per pair of its evaluation (a timed sample of
-  `pairs` pairs, extrapolated). Decomposed: n image and 5n caption encodings at the measured seconds per
-  item of its full-split evaluation, plus the [n, 5n] similarity product timed at each size.
-  """
-  from vldeformer_jax.retrieval.evaluate import similarity
-  per_pair = cross["timing"]["score_pairs_s"] / cross["timing"]["pairs"]
-  dt = decomposed_full["timing"]
-  per_image = dt["encode_images_s"] / decomposed_full["num_images"]
-  per_caption = dt["encode_captions_s"] / decomposed_full["num_captions"]
-  rng = np.random.default_rng(0)
-  rows = []
-  for n in plan.gallery_sizes:
-    m = n * plan.captions_per_image
-    img = rng.standard_normal((n, embed_dim)).astype(np.float32)
-    txt = rng.standard_normal((m, embed_dim)).astype(np.float32)
-    similarity(img[:8], txt[:8])  # compile outside the clock
-    times = []
-    for _ in range(3):
-      t = time.perf_counter()
-      similarity(img, txt)
-      times.append(time.perf_counter() - t)
-    sim_s = float(np.median(times))
-    dec = n * per_image + m * per_caption + sim_s
-    cross_s = n * m * per_pair
-    rows.append({"images": n, "captions": m, "pairs": n * m, "cross_encoder_s": cross_s,
-                 "cross_encoder_extrapolated": n * m > cross["timing"]["pairs"],
-                 "decomposed_s": dec, "decomposed_similarity_s": sim_s, "speedup": cross_s / dec})
-    del img, txt
-  last = rows[-1]
-  return {
-      "cross_encoder_s_per_pair": per_pair, "cross_encoder_timed_pairs": int(cross["timing"]["pairs"]),
-      "decomposed_s_per_image": per_image, "decomposed_s_per_caption": per_caption,
-      "decomposed_timed_items": int(decomposed_full["num_images"] + decomposed_full["num_captions"]),
-      "curve": rows, "speedup": last["speedup"],
-      "speedup_gallery": f"{last['images']} images x {last['captions']} captions",
-  }
+  c = stage1_config
+  source = prepare.load_split(os.path.join(workdir, "data"), c.data.name, c.data.eval_split)
+  mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+  load = lambda run: Encoder.load(os.path.join(runs[run][1], "export"), mesh=mesh,  # noqa: E731
+                                  batch_size=plan.eval_batch_size)
+  n = plan.gallery_sizes[-1]
+  return timing.compare(load(MAIN), source, sample_pairs=plan.timing_pairs, cross_encoder=load("stage1"),
+                        gallery_sizes=plan.gallery_sizes, captions_per_image=plan.captions_per_image,
+                        reference_size=(n, n * plan.captions_per_image))
 
 
 def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPlan | None = None) -> dict:
@@ -291,7 +256,7 @@ def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPla
       if name == "ablation_bert" and not _export_done(run_dir):
         _bert_export(workdir, plan, config)
       _train(name, config, run_dir, times)
-      _write_json(times_path, times)
+      fileio.write_json_atomic(times_path, times)
     done = {n: runs[n] for n in runs if _export_done(runs[n][1])}
     report = _report(workdir, done, c1, plan, times, t0)
   print(report_lib.comparison_table(report))
@@ -304,22 +269,13 @@ def _report(workdir, runs, c1, plan, times, t0) -> dict:
   times["evaluation"] = sum(
       r.get("_seconds", 0.0) for r in [results["cross_encoder"]]
       + [v for d in results["decomposed"].values() for v in d.values()])
-  main_full = results["decomposed"][MAIN]["full"]
-  embed_dim = _embed_dim(os.path.join(runs[MAIN][1], "export"))
   timing = _cached(os.path.join(workdir, "results", "timing.json"),
-                   lambda: time_retrieval(results["cross_encoder"], main_full, embed_dim, plan), "timing")
+                   lambda: time_retrieval(workdir, runs, c1, plan), "timing")
   times["this_run"] = time.perf_counter() - t0
-  _write_json(os.path.join(workdir, "results", "stage_seconds.json"), times)
+  fileio.write_json_atomic(os.path.join(workdir, "results", "stage_seconds.json"), times)
   descriptions = {name: ABLATIONS[name][2] for name in plan.ablations}
   descriptions[MAIN] = "stage-1 weights, bi-modal hard negatives (the paper's setting)"
   descriptions["stage1_no_decomposition"] = "stage-1 weights used as a decomposed encoder, no stage 2"
   report = report_lib.build_report(results, timing, times, runs, descriptions, main=MAIN)
   report_lib.write_report(workdir, report, runs)
   return report
-
-
-def _embed_dim(export: str) -> int:
-  """The embedding size of an export, from its model config alone."""
-  from vldeformer_jax import export as export_lib
-  from vldeformer_jax.model_config import ModelConfig
-  return ModelConfig.from_json(os.path.join(export, export_lib.CONFIG_FILE)).embed_dim

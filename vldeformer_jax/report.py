@@ -7,9 +7,9 @@ timings are marked as such.
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
+
+from vldeformer_jax import fileio
 
 RECALL_KEYS = [(d, k) for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")]
 
@@ -103,7 +103,7 @@ def _plot_curves(workdir: str, runs: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  _save(fig, path)
+  fileio.save_figure_atomic(fig, path, dpi=90)
 
 
 def _plot_recall(report: dict, path: str) -> None:
@@ -132,42 +132,12 @@ def _plot_recall(report: dict, path: str) -> None:
   axes[1].set_title("decomposed models (ablations)")
   axes[1].legend(fontsize=7)
   fig.tight_layout()
-  _save(fig, path)
-
-
-def _plot_timing(timing: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  curve = timing["curve"]
-  n = [r["images"] for r in curve]
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  ax.loglog(n, [r["cross_encoder_s"] for r in curve], "o-", label="cross-encoder (every pair)")
-  ax.loglog(n, [r["decomposed_s"] for r in curve], "s-", label="decomposed (encode once + matmul)")
-  extrap = [r for r in curve if r["cross_encoder_extrapolated"]]
-  if extrap:
-    ax.loglog([r["images"] for r in extrap], [r["cross_encoder_s"] for r in extrap], "o", mfc="none", ms=11,
-              color="gray", label="extrapolated from the timed sample")
-  ax.set_xlabel("gallery images (5 captions each), both directions")
-  ax.set_ylabel("retrieval time (s)")
-  ax.set_title(f"speedup at {timing['speedup_gallery']}: {timing['speedup']:.0f}x")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  _save(fig, path)
-
-
-def _save(fig, path: str) -> None:
-  import matplotlib.pyplot as plt
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=90)
-  plt.close(fig)
-  os.replace(tmp, path)
+  fileio.save_figure_atomic(fig, path, dpi=90)
 
 
 def _markdown(report: dict) -> str:
   t = report["timing"]
+  dec, cross = t["split"]["decomposed"], t["split"]["cross_encoder"]
   ev = report["evaluation_sets"]
   lines = ["# VLDeformer demo: early interaction, then decomposition", "",
            "Stage 1 trains a one-stream VL transformer with early interaction (image-text matching + masked "
@@ -187,16 +157,17 @@ def _markdown(report: dict) -> str:
                  f"{a['avg_recall_full']:.2f} | {a['rsum_full']:.1f} | {a['train_steps']} | {secs} |")
   lines += ["", f"Cross-encoder average recall on the subset: {report['avg_recall_cross_encoder']:.2f}.", "",
             "## Speed", "",
-            f"Measured: cross-encoder {t['cross_encoder_s_per_pair'] * 1e3:.3f} ms per (image, caption) pair over "
-            f"{t['cross_encoder_timed_pairs']} timed pairs; decomposed {t['decomposed_s_per_image'] * 1e3:.3f} ms "
-            f"per image and {t['decomposed_s_per_caption'] * 1e3:.3f} ms per caption over "
-            f"{t['decomposed_timed_items']} timed encodings; the similarity product is timed at every size.",
-            "Cross-encoder times beyond the timed sample are extrapolated (n x 5n pairs at the measured rate).", "",
+            f"Measured on the test split: the decomposed model encoded {dec['num_images']} images and "
+            f"{dec['num_captions']} captions ({dec['per_image_s'] * 1e3:.3f} ms per image, "
+            f"{dec['per_caption_s'] * 1e3:.3f} ms per caption); the cross-encoder scored {cross['sample_pairs']} "
+            f"sampled (image, caption) pairs ({cross['per_pair_s'] * 1e3:.3f} ms per pair). Other gallery sizes "
+            "are extrapolated from these rates (n images x 5n captions, every pair for the cross-encoder); the "
+            "similarity search is timed at every size on random embeddings.", "",
             "| images | captions | cross-encoder s | decomposed s | speedup |", "|---|---|---|---|---|"]
-  for r in t["curve"]:
+  for r in t["vs_gallery_size"]:
     mark = " (extrapolated)" if r["cross_encoder_extrapolated"] else ""
-    lines.append(f"| {r['images']} | {r['captions']} | {r['cross_encoder_s']:.1f}{mark} | {r['decomposed_s']:.2f} | "
-                 f"{r['speedup']:.0f}x |")
+    lines.append(f"| {r['num_images']} | {r['num_captions']} | {r['cross_encoder_s']:.1f}{mark} | "
+                 f"{r['decomposed_s']:.2f} | {r['speedup']:.0f}x |")
   lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in report["stage_seconds"].items() if isinstance(v, (int, float))]
   lines += ["", "Plots: `curves.png` (training losses), `recall.png` (recall of both models, ablations), "
@@ -206,14 +177,12 @@ def _markdown(report: dict) -> str:
 
 def write_report(workdir: str, report: dict, runs: dict) -> dict[str, str]:
   """report.json, report.md, curves.png, recall.png, timing.png in `workdir` (each written atomically)."""
+  from vldeformer_jax.retrieval import timing
   paths = {k: os.path.join(workdir, k) for k in ("report.json", "report.md", "curves.png", "recall.png",
                                                  "timing.png")}
   _plot_curves(workdir, runs, paths["curves.png"])
   _plot_recall(report, paths["recall.png"])
-  _plot_timing(report["timing"], paths["timing.png"])
-  for name, text in (("report.md", _markdown(report)), ("report.json", json.dumps(report, indent=2, sort_keys=True))):
-    tmp = paths[name] + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, paths[name])
+  timing.plot_vs_gallery_size(report["timing"], paths["timing.png"])
+  fileio.write_text_atomic(paths["report.md"], _markdown(report))
+  fileio.write_json_atomic(paths["report.json"], report)
   return paths
