@@ -145,3 +145,25 @@ def test_gradient_accumulation_equals_full_batch_for_a_mean_loss():
   np.testing.assert_allclose(results[0][1]["grad_norm"], results[1][1]["grad_norm"], rtol=1e-5)
   np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
   assert not np.allclose(results[0][0], w0)
+
+
+def test_train_step_compiles_once_from_a_weak_typed_temperature():
+  """create_state with a weak-typed log temperature (jnp.log of a Python float): the state the jitted step
+  returns has the same types as the one it got, so later steps reuse the first compilation."""
+  c = tiny.get_config()
+  tx, schedule = optim.make_optimizer(c.train, 10)
+  state = train.create_state({"w": jnp.ones((5,), jnp.float32)}, jnp.log(0.07), tx)
+  assert not any(getattr(x, "weak_type", False) for x in jax.tree.leaves(state))
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  state = jax.device_put(state, parallel.replicated(mesh))
+
+  def loss_fn(trainable, b, _):
+    loss = jnp.mean((b["x"] @ trainable["model"]["w"]) ** 2)
+    return loss, {"loss": loss}
+
+  step = train.jit_train_step(train.make_train_step(None, c, mesh, tx, schedule, loss_fn=loss_fn),
+                              jax.tree.map(lambda x: x.sharding, state), mesh)
+  batch = parallel.global_batch({"x": np.ones((4, 5), np.float32)}, mesh)
+  for _ in range(3):
+    state, _ = step(state, batch, jax.random.key(0))
+  assert step._cache_size() == 1

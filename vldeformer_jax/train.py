@@ -56,9 +56,13 @@ class TrainState:
 
 
 def create_state(params, log_temperature, tx: optax.GradientTransformation) -> TrainState:
+  # A strongly typed float32 scalar, also inside the optimiser state: a weak-typed one (e.g. jnp.log(0.07))
+  # gives weak-typed Adam moments, the jitted step returns them strongly typed, and its second call then
+  # compiles the whole step again (a minute for BERT-base on a CPU).
+  log_temperature = jnp.asarray(log_temperature, jnp.float32)
   trainable = {"model": params, "log_temperature": log_temperature}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    log_temperature=jnp.asarray(log_temperature, jnp.float32), opt_state=tx.init(trainable))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, log_temperature=log_temperature,
+                    opt_state=tx.init(trainable))
 
 
 def state_shardings(abstract_state: TrainState, mesh, tx) -> TrainState:
