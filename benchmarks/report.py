@@ -45,7 +45,7 @@ def peaks(p: dict) -> str:
     lines.append(f"| {key.split('_')[0]} | {x['dtype']} | {x['n']}^3 | {_s(x['seconds']['median'])} | "
                  f"{x['gflops']:.1f} |")
   note = ""
-  if p["torch_bfloat16"]["n"] != 4096:
+  if p["torch_bfloat16"]["n"] != p["torch_float32"]["n"]:
     note = (f"\nPyTorch bfloat16 is measured at {p['torch_bfloat16']['n']}^3: this CPU has no native bf16 "
             "matmul (no AVX512-BF16 / AMX) and PyTorch's fallback needs minutes at 4096^3.\n")
   return "\n".join(lines) + "\n" + note
@@ -174,8 +174,12 @@ def encoder(e: dict) -> str:
     return err
   lines = ["| model | compute dtype | batch | images/s | captions/s |", "|---|---|---|---|---|"]
   for row in e["rows"]:
-    name = (f"BERT-base ({row['layers']} x {row['hidden']})" if row["size"] == "bert_base"
-            else f"demo ({row['layers']} x {row['hidden']})")
+    if row["size"] != "bert_base":
+      name = f"demo ({row['layers']} x {row['hidden']})"
+    elif row["layers"] == 12:
+      name = f"BERT-base ({row['layers']} x {row['hidden']})"
+    else:
+      name = f"BERT-base widths, {row['layers']} layers ({row['layers']} x {row['hidden']})"
     lines.append(f"| {name} | {row['dtype']} | {row['batch_size']} | {row['images_per_s']:.1f} | "
                  f"{row['captions_per_s']:.1f} |")
   return "\n".join(lines) + ("\n\n`Encoder.embed_images(regions, tags)` / `Encoder.embed_texts(captions)` "

@@ -106,8 +106,8 @@ def run(batch_size: int = 8, repeats: int = 5, size: dict | None = None, tempera
     out["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
   holder = {"state": state}
 
-  def jax_step():
-    holder["state"], metrics = step(holder["state"], jbatch, rng)
+  def jax_step():  # the executable compiled above: calling `step` would compile it again
+    holder["state"], metrics = compiled(holder["state"], jbatch, rng)
     jax.block_until_ready(metrics)
     return metrics
 
@@ -136,9 +136,14 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--tiny", action="store_true", help="hidden 128, 2 layers: a smoke test of the harness")
+  p.add_argument("--layers", type=int, default=0,
+                 help="BERT-base widths with this many layers (run.py --quick: 1); 0 = all 12")
   a = p.parse_args()
-  size = dict(BERT_BASE, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=256) if a.tiny else None
+  size = None
+  if a.tiny:
+    size = dict(BERT_BASE, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+  elif a.layers:
+    size = dict(BERT_BASE, num_hidden_layers=a.layers)
   common.emit(run(a.batch_size, a.repeats, size, peak_repeats=min(a.repeats, 5), warmup=a.warmup))
 
 
