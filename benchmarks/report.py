@@ -77,12 +77,12 @@ def train_step(t: dict, load: float | None = None, cores: int | None = None) -> 
       f"(forward {f['forward'] / 1e9:.0f}); XLA's cost analysis of the compiled step: "
       f"{t['xla_flops'] / 1e9:.0f} GFLOP",
       f"- JAX fp32 matmul peak measured in the same process: {t['jax_fp32_peak']['gflops']:.1f} GFLOP/s; "
-      f"the step reaches **{100 * t['fraction_of_jax_fp32_peak']:.0f}%** of it",
+      f"the step reaches **{100 * t['fraction_of_jax_fp32_peak']:.1f}%** of it",
       f"- Peak RSS of the process (JAX and PyTorch models, both optimisers): {t['peak_rss_gib']:.1f} GiB; "
       f"XLA temporaries of the step: {_gib(t.get('xla_temp_bytes', 0))}",
       _goal(t["ratio"] <= 1.0, f"JAX/PyTorch step time ratio {t['ratio']:.2f} (target <= 1.00)"),
       _goal(t["fraction_of_jax_fp32_peak"] >= 0.75,
-            f"{100 * t['fraction_of_jax_fp32_peak']:.0f}% of XLA's fp32 matmul peak (target >= 75%)"),
+            f"{100 * t['fraction_of_jax_fp32_peak']:.1f}% of XLA's fp32 matmul peak (target >= 75%)"),
   ]
   if t["fraction_of_jax_fp32_peak"] > 1.0 or (load and cores and load > cores):
     lines.append(
