@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from vldeformer_jax import fileio
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -88,16 +90,9 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """JSON to `path` via a temporary sibling and a rename (the directory is created if missing)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  """The raw results as JSON, written atomically (any number-like value, e.g. a numpy or JAX scalar, as a
+  float)."""
+  fileio.write_text_atomic(path, json.dumps(obj, indent=1, default=float))
 
 
 def machine() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common, report  # noqa: E402
+from vldeformer_jax import fileio  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "smaller sizes and fewer repeats (under 3 minutes on an idle machine)")
@@ -85,15 +86,7 @@ def main(argv):
     results = collect(FLAGS.quick, FLAGS.tables, FLAGS.contrastive_max_run)
     results["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     common.write_json_atomic(json_path, results)  # first: a rendering bug must not lose the measurements
-  text = report.render(results)
-  tmp = f"{FLAGS.output}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, FLAGS.output)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  fileio.write_text_atomic(FLAGS.output, report.render(results))
   print(f"wrote {FLAGS.output} ({results['total_seconds']:.0f} s of measurements); raw results in {json_path}")
 
 

@@ -339,7 +339,7 @@ def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test"
   from vldeformer_jax import parallel
   from vldeformer_jax.data import prepare
   from vldeformer_jax.encoder import Encoder
-  from vldeformer_jax.retrieval.index import write_json_atomic
+  from vldeformer_jax.fileio import write_json_atomic
 
   mesh = parallel.make_mesh() if use_mesh and jax.device_count() > 1 else None
   encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size)

@@ -46,8 +46,6 @@ class BadIndexError(ValueError):
   """A missing, corrupt, stale or foreign index (the message says which file and what to do)."""
 
 
-write_json_atomic = fileio.write_json_atomic
-
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
@@ -91,7 +89,7 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
             "num": int(len(emb)), "dim": int(emb.shape[1]), "compact": compact, "files": files,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     meta.update({k: v for k, v in (metadata or {}).items() if k not in meta})
-    write_json_atomic(os.path.join(tmp, META), meta)
+    fileio.write_json_atomic(os.path.join(tmp, META), meta)
     fileio.replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
