@@ -33,9 +33,8 @@ def model_config(size: str, layers: int = 0):
   if size == "bert_base":
     return ModelConfig(num_hidden_layers=layers) if layers else ModelConfig()
   from configs import demo
-  c = demo.get_config()
-  return ModelConfig.from_dict(dict(c.model.to_dict(), max_text_len=c.data.max_text_len,
-                                    max_regions=c.data.max_regions))
+  from vldeformer_jax import train_setup
+  return train_setup.model_config_from(demo.get_config())[0]  # config.model with the data's lengths
 
 
 _PARAMS = {}  # (size, layers) -> parameters: float32 whatever the compute dtype, so shared by both rows

@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_text_len = 35     # caption tokens and tag tokens, each (spec 1.3); also the model's
+  c.data.max_tag_len = 0       # > 0: tag tokens, when tags are shorter than captions; also the model's
   c.data.max_regions = 70      # regions per image (spec 1.3); also the model's
   c.data.num_captions_per_image = 5
   c.data.worker_count = 0      # grain worker processes (0: threads in this process)

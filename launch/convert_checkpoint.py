@@ -21,14 +21,15 @@ _ALLOW_MISSING = flags.DEFINE_multi_string(
     "(the heads, and the region embedding of a text-only BERT, are allowed already).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the freshly initialised parameters.")
 _MAX_TEXT_LEN = flags.DEFINE_integer("max_text_len", None, "Override the caption/tag token length (35).")
+_MAX_TAG_LEN = flags.DEFINE_integer("max_tag_len", None, "Override the tag token length (0: max_text_len).")
 _MAX_REGIONS = flags.DEFINE_integer("max_regions", None, "Override the number of regions (70).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  overrides = {k: v for k, v in (("max_text_len", _MAX_TEXT_LEN.value), ("max_regions", _MAX_REGIONS.value))
-               if v is not None}
+  overrides = {k: flag.value for k, flag in (("max_text_len", _MAX_TEXT_LEN), ("max_tag_len", _MAX_TAG_LEN),
+                                             ("max_regions", _MAX_REGIONS)) if flag.value is not None}
   try:
     report = convert.convert_checkpoint(
         _CHECKPOINT.value, _OUTPUT.value, overwrite=_OVERWRITE.value, allow_missing=_ALLOW_MISSING.value,

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs` is a directory of config files at the repository root
 
 from configs import common, demo, tiny, vinvl_base_coco, vinvl_base_flickr
-from vldeformer_jax import config_validation, optim
+from vldeformer_jax import config_validation, optim, train_setup
 from vldeformer_jax.model import init_params
 from vldeformer_jax.model_config import ModelConfig
 
@@ -47,7 +47,9 @@ def test_paper_configs_hold_spec_settings():
 def test_every_config_builds_a_model_config():
   for c in (common.get_config(), tiny.get_config(), tiny.get_config("early_interaction"), demo.get_config(),
             demo.get_config("negatives"), vinvl_base_coco.get_config()):
-    ModelConfig.from_dict(dict(c.model), strict=True)
+    mc, _, _ = train_setup.model_config_from(c)  # config.model with the lengths of config.data
+    assert (mc.max_text_len, mc.max_tag_len, mc.max_regions) == (
+        c.data.max_text_len, c.data.max_tag_len, c.data.max_regions)
   assert demo.get_config("negatives").data.negatives.num_per_pair == 1
   assert tiny.get_config("early_interaction").objective == "early_interaction"
 
@@ -78,6 +80,8 @@ def test_valid_config_has_no_errors(tmp_path):
     (lambda c: setattr(c.model, "num_attention_heads", 5), 8, 1, "config.model: hidden_size 32 is not divisible by num_attention_heads 5"),
     (lambda c: setattr(c.loss, "temperature", 0.0), 8, 1, "config.loss.temperature: must be positive"),
     (lambda c: setattr(c.eval, "best_metric", "R@1"), 8, 1, "config.eval.best_metric: unknown metric 'R@1'"),
+    (lambda c: setattr(c.data, "max_tag_len", 2), 8, 1, "config.data.max_tag_len: 2 leaves no room for [CLS] tags [SEP]"),
+    (lambda c: (setattr(c, "objective", "early_interaction"), setattr(c.data, "max_tag_len", 60)), 8, 1, "config.data: an early-interaction pair has max_text_len + max_tag_len - 1 = 75"),
 ])
 def test_each_error_is_one_line_naming_the_field(tmp_path, change, devices, processes, field):
   c = _valid(tmp_path)

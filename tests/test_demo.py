@@ -91,8 +91,8 @@ def test_stage_configs_of_the_ablations(tmp_path):
       "stage1": ("", 0, 3, 8),
       "stage2": (s1_export, 1, 7, 8),
       "ablation_stage1_no_negatives": (s1_export, 0, 7, 8),
-      "ablation_bert": (os.path.join(str(tmp_path), "bert_export"), 1, 2, 4),
-      "ablation_random": ("", 1, 7, 8),
+      "ablation_bert": (os.path.join(str(tmp_path), "bert_export"), 0, 2, 4),
+      "ablation_random": ("", 0, 7, 8),
   }
   for name, (c, run_dir) in runs.items():
     got = (c.init_export, c.data.negatives.num_per_pair, c.train.num_steps, c.train.global_batch_size)

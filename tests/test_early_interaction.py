@@ -139,6 +139,48 @@ def test_hard_negatives_by_embedding_and_match_score(model_and_params):
   assert not same[np.arange(n), np.asarray(got_txt)[:, 0]].any()
 
 
+def test_hard_fraction_mixes_hard_and_random_negatives(model_and_params):
+  model, params = model_and_params
+  n, k = 16, 2
+  batch = make_batch(n, seed=2)
+  rng = jax.random.PRNGKey(5)
+
+  def image_rows(negatives, fraction):  # which image each (caption i, negative image) pair uses
+    opts = ei.options(train_config(num_negatives=k, negatives=negatives, hard_fraction=fraction))
+    pairs, _ = jax.jit(lambda b, r: ei.build_match_pairs(model, params, b, r, opts))(batch, rng)
+    feats = np.asarray(pairs["img_feats"][n:n + n * k]).reshape(n, k, -1)
+    own = np.asarray(batch["image_img_feats"]).reshape(n, -1)
+    return np.array([[int(np.flatnonzero((own == f).all(1))[0]) for f in row] for row in feats])
+
+  rand, hard = image_rows("random", 1.0), image_rows("hard_embed", 1.0)
+  np.testing.assert_array_equal(image_rows("hard_embed", 0.0), rand)
+  mixed = image_rows("hard_embed", 0.5)
+  from_hard, from_rand = mixed == hard, mixed == rand
+  assert np.all(from_hard | from_rand)
+  assert (from_hard & ~from_rand).any() and (from_rand & ~from_hard).any()  # both kinds occur
+  with pytest.raises(ValueError, match="hard_fraction"):
+    ei.options(train_config(hard_fraction=1.5))
+
+
+def test_ranking_loss_is_a_softmax_over_each_positives_candidates(model_and_params):
+  n, k = 4, 2
+  logits = np.random.default_rng(0).normal(size=(n * (1 + 2 * k), 2)).astype(np.float32)
+  margin = (logits[:, 1] - logits[:, 0]).astype(np.float64)
+  pos = margin[:n]
+  ref = 0.0
+  for block in (margin[n:n + n * k].reshape(n, k), margin[n + n * k:].reshape(n, k)):  # other images, captions
+    cand = np.concatenate([pos[:, None], block], axis=1)
+    ref += 0.5 * np.mean(np.log(np.exp(cand).sum(1)) - pos)
+  np.testing.assert_allclose(float(ei.ranking_loss(jnp.asarray(logits), n, k)), ref, rtol=1e-6)
+  # In the objective: added with its weight to the other terms.
+  model, params = model_and_params
+  batch = make_batch(5, seed=4)
+  cfg = train_config(rank_weight=0.5)
+  loss, m = jax.jit(lambda b, r: ei.early_interaction_loss(model, params, b, r, cfg))(batch, jax.random.PRNGKey(2))
+  extra = float(m["mlm_loss"]) if "mlm_loss" in m else 0.0
+  np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + 0.5 * float(m["rank_loss"]) + extra, rtol=1e-5)
+
+
 def test_mask_tokens_follows_bert_rule():
   n, length = 3000, 16
   rs = np.random.RandomState(0)
@@ -174,26 +216,40 @@ def test_mask_tokens_follows_bert_rule():
   assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.015 and abs(frac_rand - 0.1) < 0.015
 
 
-def test_mlm_loss_matches_full_sequence_reference(model_and_params):
+@pytest.mark.parametrize("mlm_pass", ["separate", "shared"])
+def test_mlm_loss_matches_full_sequence_reference(model_and_params, mlm_pass):
   model, params = model_and_params
   batch = make_batch(5, seed=2)
-  cfg = train_config()
+  cfg = train_config(mlm_pass=mlm_pass)
   cfg.loss.mlm_weight = 1.0
   loss, m = jax.jit(lambda b, r: ei.early_interaction_loss(model, params, b, r, cfg))(batch, jax.random.PRNGKey(1))
   # Reference: recompute the masked positives, run the MLM head on every position, gather, average.
+  # 'shared': every packed pair is masked, the ITM logits come from that same masked forward.
   opts = ei.options(cfg)
   r_neg, _, r_mask, _ = jax.random.split(jax.random.PRNGKey(1), 4)
 
   @jax.jit
   def reference_pieces(b):
-    pairs, _ = ei.build_match_pairs(model, params, b, r_neg, opts)
-    pos = {k: v[:5] for k, v in pairs.items()}
-    masked, positions, labels, w = ei.mask_tokens(r_mask, pos, opts, V)
+    pairs, labels = ei.build_match_pairs(model, params, b, r_neg, opts)
+    itm = None
+    if mlm_pass == "shared":
+      masked, positions, mlm_labels, w = (x[:5] for x in ei.mask_tokens(r_mask, pairs, opts, V))
+      all_masked = ei.mask_tokens(r_mask, pairs, opts, V)[0]
+      itm = model.apply({"params": params}, all_masked, *[pairs[k] for k in IMAGE_KEYS[1:]],
+                        method=VLDeformer.match_logits), labels
+      pos = {k: v[:5] for k, v in pairs.items()}
+    else:
+      pos = {k: v[:5] for k, v in pairs.items()}
+      masked, positions, mlm_labels, w = ei.mask_tokens(r_mask, pos, opts, V)
     h, _ = model.apply({"params": params}, masked, pos["token_type_ids"], pos["attention_mask"],
                        pos["img_feats"], method=VLDeformer.encode)
-    return model.apply({"params": params}, h, method=VLDeformer.mlm_logits), positions, labels, w
+    return model.apply({"params": params}, h, method=VLDeformer.mlm_logits), positions, mlm_labels, w, itm
 
-  logits, positions, labels, w = reference_pieces(batch)
+  logits, positions, labels, w, itm = reference_pieces(batch)
+  if itm is not None:  # class-balanced cross entropy of the match head on the masked pairs
+    z, y = np.asarray(itm[0], np.float64), np.asarray(itm[1])
+    ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
+    np.testing.assert_allclose(float(m["itm_loss"]), 0.5 * ce[y == 1].mean() + 0.5 * ce[y == 0].mean(), rtol=1e-5)
   logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)

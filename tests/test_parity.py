@@ -197,6 +197,10 @@ def test_match_score_parity(oscar):
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
   text = inputs.text_inputs(tok, captions, lt)
   np.testing.assert_allclose(enc.match_scores_inputs(text, enc.image_inputs(feats, tags)), want, atol=TOL, rtol=0)
+  # Tags padded to their own, shorter length (max_tag_len): the same pairs, the same scores.
+  short = Encoder(enc.model_config.replace(max_tag_len=4), enc.params, tok, batch_size=4)
+  assert short.image_inputs(feats, tags)["input_ids"].shape == (3, 4)
+  np.testing.assert_allclose(short.match_scores(feats, tags, captions), want, atol=TOL, rtol=0)
 
 
 def test_mlm_head_parity(oscar):

@@ -234,7 +234,7 @@ def test_prepared_dataset_resumed_into_a_grain_worker_process(demo_train):
   records = [demo_train[i] for i in range(len(demo_train))]
   by_id = {int(r["image_id"]): r for r in records}
   vocab = negatives.build_tag_vocabulary(demo_train, progress=False)
-  kwargs = dict(tokenizer=TOKENIZER, global_batch_size=8, seed=5, max_text_len=35, max_regions=10,
+  kwargs = dict(tokenizer=TOKENIZER, global_batch_size=8, seed=5, max_text_len=35, max_tag_len=12, max_regions=10,
                 feature_dim=demo.FEATURE_DIM, negatives_per_pair=1, tag_vocabulary=vocab)
   steps, resume_at = 7, 3
 
@@ -265,14 +265,14 @@ def test_prepared_dataset_resumed_into_a_grain_worker_process(demo_train):
       rec = by_id[int(ref["image_id"][s, row])]
       texts = inputs.text_inputs(TOKENIZER, list(rec["captions"][:5]), 35)["input_ids"]
       assert any(np.array_equal(t, ref["text_input_ids"][s, row]) for t in texts)
-      image = inputs.image_inputs(TOKENIZER, [rec["features"]], [rec["tags"]], 35, 10, demo.FEATURE_DIM)
+      image = inputs.image_inputs(TOKENIZER, [rec["features"]], [rec["tags"]], 12, 10, demo.FEATURE_DIM)
       np.testing.assert_array_equal(ref["image_img_feats"][s, row], image["img_feats"][0])
       np.testing.assert_array_equal(ref["image_input_ids"][s, row], image["input_ids"][0])
       feats = ref["neg_image_img_feats"][s, row, 0]
       n_own = len(rec["features"][:10]) // 2
       own_rows = {r.tobytes() for r in rec["features"][:10]}
       assert all(r.tobytes() in own_rows for r in feats[:n_own])
-      n_valid = int(ref["neg_image_attention_mask"][s, row, 0, 35:].sum())
+      n_valid = int(ref["neg_image_attention_mask"][s, row, 0, 12:].sum())
       others = [o for o in records if int(o["image_id"]) != int(rec["image_id"])
                 and len(o["features"][:10]) // 2 == n_valid - n_own
                 and all(r.tobytes() in {x.tobytes() for x in o["features"][:10]} for r in feats[n_own:n_valid])]

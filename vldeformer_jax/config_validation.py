@@ -108,6 +108,8 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
   errors.extend(_dataset_errors(config))
   if d.max_text_len < 3:
     errors.append(f"config.data.max_text_len: {d.max_text_len} leaves no room for [CLS] text [SEP]")
+  if d.max_tag_len != 0 and d.max_tag_len < 3:
+    errors.append(f"config.data.max_tag_len: {d.max_tag_len} leaves no room for [CLS] tags [SEP] (0: max_text_len)")
   if d.max_regions < 1:
     errors.append(f"config.data.max_regions: must be >= 1, got {d.max_regions}")
   if d.negatives.num_per_pair < 0:
@@ -118,8 +120,11 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
     errors.append(f"config.data.num_captions_per_image: must be >= 1, got {d.num_captions_per_image}")
 
   try:
-    ModelConfig.from_dict(dict(config.model), strict=True, source="config.model").replace(
-        max_text_len=int(d.max_text_len), max_regions=int(d.max_regions))
+    lengths = {k: int(d[k]) for k in ("max_text_len", "max_tag_len", "max_regions")}  # the model's, too
+    mc = ModelConfig.from_dict({**dict(config.model), **lengths}, strict=True, source="config.model")
+    if config.objective == "early_interaction" and not config.init_export and mc.packed_len > mc.max_position_embeddings:
+      errors.append(f"config.data: an early-interaction pair has max_text_len + max_tag_len - 1 = {mc.packed_len} "
+                    f"token positions, more than config.model.max_position_embeddings {mc.max_position_embeddings}")
   except (ValueError, TypeError) as e:
     errors.append(_model_error(str(e)))
 

@@ -15,6 +15,9 @@ tokenising again:
 - the pipeline's composed bi-modal hard negatives (`neg_text_*`, `neg_image_*`, spec 11.6) when present:
   (caption_i, composed image_ik) and (composed caption_ik, image_i).
 
+MLM runs on its own forward of the masked positives (`mlm_pass='separate'`, as ALBEF) or on the matching
+forward itself, every pair masked (`'shared'`, as VinVL: one pass fewer per step).
+
 Optionally (`itc_weight` > 0) an ALBEF-style image-text contrastive term on the single-modality [CLS]
 pooler outputs (or the model's decomposed embedding), whose embeddings `hard_embed` then reuses; the match
 score stays the ITM head on the joint input.
@@ -41,13 +44,20 @@ DEFAULTS = {
     "negatives": "random",      # how batch negatives are drawn: one of NEGATIVE_MODES
     "num_negatives": 1,         # batch negatives per positive, in each direction (image and caption)
     "hard_candidates": 8,       # random candidates scored per positive by `hard_match`
+    "hard_fraction": 1.0,       # hard modes: each negative is the hard one with this probability, else random
+                                # (from scratch, hard-only negatives keep ITM at chance longer: a mix starts it)
     "composed_negatives": True,  # use the pipeline's neg_text_* / neg_image_* when the batch has them
     "balanced": True,           # ITM: positives and negatives weigh half each (else the plain mean over pairs,
                                 # whose 1:4 label prior is a plateau a model trained from scratch sits on)
+    "rank_weight": 0.0,         # > 0: add a listwise ranking term on the same match logits: each caption's
+                                # image against its batch-negative images, each image's caption against its
+                                # negative captions (softmax over the margins): what retrieval ranks by
     "itc_weight": 0.0,          # > 0: add an image-text contrastive term on the decomposed embeddings (ALBEF)
     "itc_temperature": 0.05,    # its temperature (both directions)
     "itc_pooling": "cls",       # ITC embedding: 'cls' (the pooler output the ITM head reads, as ALBEF) | 'model'
     "mlm_probability": 0.15,
+    "mlm_pass": "separate",     # 'separate': MLM on its own forward of the unmasked-ITM positives (ALBEF);
+                                # 'shared': one forward of masked pairs serves ITM and MLM (VinVL; a pass fewer)
     "max_predictions": 10,      # masked positions per packed sequence (fixed, so shapes are static)
     "mask_token_id": 103,
     "cls_token_id": 101,
@@ -65,6 +75,10 @@ def options(config) -> dict[str, Any]:
   opts = {**DEFAULTS, **given}
   if opts["itc_pooling"] not in ("cls", "model"):
     raise ValueError(f"config.early_interaction.itc_pooling must be 'cls' or 'model', got {opts['itc_pooling']!r}")
+  if not 0.0 <= float(opts["hard_fraction"]) <= 1.0:
+    raise ValueError(f"config.early_interaction.hard_fraction must be in [0, 1], got {opts['hard_fraction']!r}")
+  if opts["mlm_pass"] not in ("separate", "shared"):
+    raise ValueError(f"config.early_interaction.mlm_pass must be 'separate' or 'shared', got {opts['mlm_pass']!r}")
   if opts["negatives"] not in NEGATIVE_MODES:
     raise ValueError(f"config.early_interaction.negatives must be one of {NEGATIVE_MODES}, "
                      f"got {opts['negatives']!r}")
@@ -186,14 +200,20 @@ def build_match_pairs(model, params, batch, rng, opts, embeddings=None) -> tuple
   n = text["input_ids"].shape[0]
   k = int(opts["num_negatives"])
   same = _same_item(batch, n)
-  if opts["negatives"] == "random" or n < 2:
-    r_img, r_txt = jax.random.split(rng)
-    img_for_text, text_for_img = random_others(r_img, n, k), random_others(r_txt, n, k)
-  elif opts["negatives"] == "hard_embed":
-    img_for_text, text_for_img = hard_by_embedding(model, params, text, image, same, k, embeddings)
-  else:
-    img_for_text, text_for_img = hard_by_match_score(
-        model, params, text, image, same, k, int(opts["hard_candidates"]), rng)
+  r_img, r_txt = jax.random.split(rng)
+  img_for_text, text_for_img = random_others(r_img, n, k), random_others(r_txt, n, k)
+  if opts["negatives"] != "random" and n >= 2:
+    if opts["negatives"] == "hard_embed":
+      hard = hard_by_embedding(model, params, text, image, same, k, embeddings)
+    else:
+      hard = hard_by_match_score(model, params, text, image, same, k, int(opts["hard_candidates"]), rng)
+    fraction = float(opts["hard_fraction"])
+    if fraction >= 1.0:
+      img_for_text, text_for_img = hard
+    else:
+      take_hard = jax.random.bernoulli(jax.random.fold_in(rng, 1), fraction, (2, n, k))
+      img_for_text = jnp.where(take_hard[0], hard[0], img_for_text)
+      text_for_img = jnp.where(take_hard[1], hard[1], text_for_img)
   img_for_text = jax.lax.stop_gradient(img_for_text)
   text_for_img = jax.lax.stop_gradient(text_for_img)
   anchors = jnp.repeat(jnp.arange(n), k)
@@ -209,6 +229,21 @@ def build_match_pairs(model, params, batch, rng, opts, embeddings=None) -> tuple
   n_pairs = pairs["input_ids"].shape[0]
   labels = (jnp.arange(n_pairs) < n).astype(jnp.int32)
   return pairs, labels
+
+
+def ranking_loss(logits: Array, n: int, k: int) -> Array:
+  """Listwise ranking on match logits in `build_match_pairs` order (n positives, then n*k (caption i,
+  image j) and n*k (caption j, image i) batch negatives): the mean over both directions of
+  -log softmax of the positive's margin (logit[1] - logit[0]) among its 1 + k candidates."""
+  margin = logits[:, 1] - logits[:, 0]
+  pos = margin[:n, None]
+  other_images = margin[n:n + n * k].reshape(n, k)
+  other_captions = margin[n + n * k:n + 2 * n * k].reshape(n, k)
+
+  def nll(negatives):
+    return jnp.mean(jax.nn.logsumexp(jnp.concatenate([pos, negatives], axis=1), axis=1) - pos[:, 0])
+
+  return 0.5 * (nll(other_images) + nll(other_captions))
 
 
 def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array], rng: Array,
@@ -243,8 +278,24 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
                    itc_i2t_accuracy=itc_metrics["i2t_accuracy"])
     embeddings = (t, v)
   pairs, labels = build_match_pairs(model, params, batch, r_neg, opts, embeddings)
-  logits = model.apply({"params": params}, *[pairs[x] for x in IMAGE_KEYS], deterministic=False,
-                       method=VLDeformer.match_logits, rngs={"dropout": r_drop_itm})
+  n = batch["text_input_ids"].shape[0]
+  vocab = model.config.vocab_size
+  shared_mlm = mlm_weight > 0 and opts["mlm_pass"] == "shared"
+  if shared_mlm:
+    # Every row is masked alike, so [MASK] tokens do not tell positives from negatives; MLM is scored on
+    # the positives, whose caption and tags describe the regions beside them.
+    masked, positions, mlm_labels, weights = mask_tokens(r_mask, pairs, opts, vocab)
+    pairs = dict(pairs, input_ids=masked)
+    positions, mlm_labels, weights = positions[:n], mlm_labels[:n], weights[:n]
+
+  def joint_fn(m: VLDeformer):
+    h, pooled = m.encode(*[pairs[x] for x in IMAGE_KEYS], deterministic=False)
+    logits = m.match_head(pooled, deterministic=False)
+    if not shared_mlm:
+      return logits, None
+    return logits, m.mlm_logits(jnp.take_along_axis(h[:n], positions[..., None], axis=1))
+
+  logits, mlm_logits = model.apply({"params": params}, method=joint_fn, rngs={"dropout": r_drop_itm})
   if opts["balanced"]:
     ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
     n_pos = jnp.sum(labels)
@@ -253,6 +304,8 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
     itm_metrics = {"match_accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))}
   else:
     itm_loss, itm_metrics = match_loss(logits, labels)
+  if float(opts["rank_weight"]) > 0:
+    metrics["rank_loss"] = ranking_loss(logits, n, int(opts["num_negatives"]))
   is_pos = labels == 1
   prob = jax.nn.softmax(logits, axis=-1)[:, 1]
   metrics.update({
@@ -264,10 +317,10 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
   loss = itm_loss
   if itc_weight > 0:
     loss = loss + itc_weight * metrics["itc_loss"]
-  if mlm_weight > 0:
-    n = batch["text_input_ids"].shape[0]
+  if "rank_loss" in metrics:
+    loss = loss + float(opts["rank_weight"]) * metrics["rank_loss"]
+  if mlm_weight > 0 and not shared_mlm:
     pos = {k: v[:n] for k, v in pairs.items()}
-    vocab = model.config.vocab_size
     masked, positions, mlm_labels, weights = mask_tokens(r_mask, pos, opts, vocab)
 
     def mlm_logits_fn(m: VLDeformer):
@@ -277,6 +330,7 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
       return m.mlm_logits(gathered)
 
     mlm_logits = model.apply({"params": params}, method=mlm_logits_fn, rngs={"dropout": r_drop_mlm})
+  if mlm_weight > 0:
     mlm, mlm_metrics = mlm_loss(mlm_logits, mlm_labels, weights)
     metrics.update(mlm_metrics)
     loss = loss + mlm_weight * mlm

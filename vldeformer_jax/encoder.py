@@ -193,7 +193,7 @@ class Encoder:
 
   def image_inputs(self, region_features: Sequence[np.ndarray], tags: Sequence[str]) -> dict[str, np.ndarray]:
     cfg = self.model_config
-    return inputs.image_inputs(self.tokenizer, region_features, tags, cfg.max_text_len, cfg.max_regions,
+    return inputs.image_inputs(self.tokenizer, region_features, tags, cfg.tag_len, cfg.max_regions,
                                cfg.img_feature_dim)
 
   def embed_images(self, region_features: Sequence[np.ndarray], tags: Sequence[str], *,

@@ -1,7 +1,8 @@
 """Model inputs: tokenisation and padding of spec 1.3, and the packing of early-interaction pairs.
 
 A caption becomes `[CLS] wordpieces [SEP]` (token_type 0) padded to `max_text_len`; an image becomes
-`[CLS] tag-wordpieces [SEP]` (token_type 1 on the real tokens, 0 on pads) padded to `max_text_len`,
+`[CLS] tag-wordpieces [SEP]` (token_type 1 on the real tokens, 0 on pads) padded to `max_tag_len` (spec 1.3:
+both 35; `ModelConfig.tag_len`),
 followed by its first `max_regions` region vectors, zero-padded; its attention mask covers the tag tokens
 then the regions. The decomposed model embeds each alone; the early-interaction model reads
 `[CLS] caption [SEP] tags [SEP]` + regions, which `pack_pairs` builds on device from the same two pieces,
@@ -77,12 +78,12 @@ def text_inputs(tokenizer, captions: Sequence[str], max_text_len: int) -> dict[s
   return tokenize_segments(tokenizer, captions, max_text_len, token_type=0)
 
 
-def image_inputs(tokenizer, region_features: Sequence[np.ndarray], tags: Sequence[str], max_text_len: int,
+def image_inputs(tokenizer, region_features: Sequence[np.ndarray], tags: Sequence[str], max_tag_len: int,
                  max_regions: int, feature_dim: int) -> dict[str, np.ndarray]:
-  """Image-branch inputs: tag tokens [N, L_t] (token_type 1), attention_mask [N, L_t + R], img_feats."""
+  """Image-branch inputs: tag tokens [N, L_g] (token_type 1), attention_mask [N, L_g + R], img_feats."""
   if len(region_features) != len(tags):
     raise ValueError(f"{len(region_features)} region feature arrays but {len(tags)} tag strings")
-  seg = tokenize_segments(tokenizer, tags, max_text_len, token_type=1)
+  seg = tokenize_segments(tokenizer, tags, max_tag_len, token_type=1)
   feats, region_mask = pad_regions(region_features, max_regions, feature_dim)
   return {
       "input_ids": seg["input_ids"],
@@ -98,19 +99,20 @@ def pack_pairs(text: dict, image: dict) -> dict:
   `text` and `image` are dicts as `text_inputs` / `image_inputs` return (numpy or jax arrays), row i of
   each forming pair i. The tag segment's own [CLS] is dropped and its tokens are shifted left to follow
   the caption, so the packed tokens are contiguous with positions 0..n-1 (as in VinVL), token_type 0 on
-  the caption and 1 on the tags. Token length: 2 * L_t - 1; the region part is unchanged. Traceable.
+  the caption and 1 on the tags. Token length: L_t + L_g - 1 (`ModelConfig.packed_len`); the region part
+  is unchanged. Traceable.
   """
   t_ids, t_type, t_mask = text["input_ids"], text["token_type_ids"], text["attention_mask"]
-  lt = t_ids.shape[1]
+  lt, lg = t_ids.shape[1], image["input_ids"].shape[1]
   g_ids = image["input_ids"][:, 1:]
   g_type = image["token_type_ids"][:, 1:]
-  g_mask = image["attention_mask"][:, 1:lt]
-  region_mask = image["attention_mask"][:, lt:]
-  out_len = 2 * lt - 1
+  g_mask = image["attention_mask"][:, 1:lg]
+  region_mask = image["attention_mask"][:, lg:]
+  out_len = lt + lg - 1
   n_text = jnp.sum(t_mask, axis=1, keepdims=True)  # real caption tokens, [CLS] and [SEP] included
   pos = jnp.arange(out_len)[None, :]
   from_tags = pos >= n_text
-  tag_pos = jnp.clip(pos - n_text, 0, lt - 2)
+  tag_pos = jnp.clip(pos - n_text, 0, lg - 2)
   text_pos = jnp.clip(pos, 0, lt - 1)
 
   def pick(a_text, a_tags):
@@ -118,7 +120,7 @@ def pack_pairs(text: dict, image: dict) -> dict:
     a_tags = jnp.take_along_axis(jnp.asarray(a_tags), tag_pos, axis=1)
     return jnp.where(from_tags, a_tags, a_text)
 
-  tag_valid = (pos - n_text) < (lt - 1)
+  tag_valid = (pos - n_text) < (lg - 1)
   mask = jnp.where(tag_valid, pick(t_mask, g_mask), 0)
   return {
       "input_ids": jnp.where(mask > 0, pick(t_ids, g_ids), 0).astype(jnp.int32),

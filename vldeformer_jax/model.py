@@ -283,6 +283,10 @@ class VLDeformer(nn.Module):
     """Early-interaction logits [B, num_labels] from the pooler (VinVL retrieval head, spec 11.4)."""
     _, pooled_cls = self.bert(input_ids, token_type_ids, attention_mask, img_feats,
                               deterministic=deterministic)
+    return self.match_head(pooled_cls, deterministic=deterministic)
+
+  def match_head(self, pooled_cls, *, deterministic=True):
+    """The retrieval head on a pooler output [B, H] (dropout, then the classifier): logits [B, num_labels]."""
     pooled_cls = self.classifier_dropout(pooled_cls, deterministic=deterministic)
     return self.classifier(pooled_cls).astype(jnp.float32)
 

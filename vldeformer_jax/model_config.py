@@ -40,6 +40,7 @@ class ModelConfig:
   projection_dim: int = 0  # 0: no projection head (the released model); >0: a Linear after tanh.
   # Input lengths of spec 1.3: caption tokens, tag tokens, regions.
   max_text_len: int = 35
+  max_tag_len: int = 0  # 0: max_text_len, as spec 1.3; shorter where tags are short (the demo: 10 of 35)
   max_regions: int = 70
   # Compute dtype; parameters always stay float32.
   dtype: str = "float32"
@@ -57,6 +58,16 @@ class ModelConfig:
       raise ValueError(
           f"model config: max_text_len {self.max_text_len} exceeds max_position_embeddings "
           f"{self.max_position_embeddings}")
+
+  @property
+  def tag_len(self) -> int:
+    """Tag tokens of the image input: `max_tag_len`, or `max_text_len` when that is 0."""
+    return self.max_tag_len or self.max_text_len
+
+  @property
+  def packed_len(self) -> int:
+    """Token positions of `[CLS] caption [SEP] tags [SEP]` as `inputs.pack_pairs` builds it."""
+    return self.max_text_len + self.tag_len - 1
 
   @property
   def head_dim(self) -> int:

@@ -106,7 +106,8 @@ def make_iterator(config, data: Data, vocab_file: str, workdir: str):
                                                     progress=jax.process_index() == 0)
   return pipeline.make_train_iterator(
       data.train, tokenizer=inputs.load_tokenizer(vocab_file), global_batch_size=config.train.global_batch_size,
-      seed=config.seed, max_text_len=config.data.max_text_len, max_regions=config.data.max_regions,
+      seed=config.seed, max_text_len=config.data.max_text_len, max_tag_len=config.data.max_tag_len,
+      max_regions=config.data.max_regions,
       feature_dim=data.feature_dim, num_captions_per_image=config.data.num_captions_per_image,
       negatives_per_pair=config.data.negatives.num_per_pair, replace_ratio=config.data.negatives.replace_ratio,
       worker_count=config.data.worker_count, prefetch=config.data.prefetch, tag_vocabulary=tag_vocabulary)
@@ -126,7 +127,7 @@ class Init:
 
 def model_config_from(config) -> tuple[ModelConfig, str | None, str]:
   """(model config, export path or None, vocab file) the config asks for, before any resume."""
-  lengths = {"max_text_len": int(config.data.max_text_len), "max_regions": int(config.data.max_regions)}
+  lengths = {k: int(config.data[k]) for k in ("max_text_len", "max_tag_len", "max_regions")}
   if config.init_export:
     from vldeformer_jax import export as export_lib
     path = os.path.abspath(config.init_export)
@@ -136,7 +137,7 @@ def model_config_from(config) -> tuple[ModelConfig, str | None, str]:
     if overrides:
       log.info("init_export %s: model config overrides from config.model: %s", path, overrides)
     return mc.replace(**overrides, **lengths), path, os.path.join(path, export_lib.VOCAB_FILE)
-  mc = ModelConfig.from_dict(dict(config.model), strict=True, source="config.model").replace(**lengths)
+  mc = ModelConfig.from_dict({**dict(config.model), **lengths}, strict=True, source="config.model")
   return mc, None, inputs.BUNDLED_VOCAB
 
 

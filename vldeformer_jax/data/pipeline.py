@@ -63,7 +63,8 @@ class BatchBuilder:
 
   def __init__(self, source, *, tokenizer, global_batch_size: int, seed: int, max_text_len: int,
                max_regions: int, feature_dim: int, num_captions_per_image: int, negatives_per_pair: int,
-               replace_ratio: float, process_index: int, process_count: int, tag_vocabulary=None):
+               replace_ratio: float, process_index: int, process_count: int, tag_vocabulary=None,
+               max_tag_len: int = 0):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0 <= process_index < process_count:
@@ -80,6 +81,7 @@ class BatchBuilder:
     self.steps_per_epoch = steps_per_epoch(self.num_images, self.global_batch_size)
     self.seed = int(seed)
     self.max_text_len = max_text_len
+    self.max_tag_len = max_tag_len or max_text_len  # 0: as long as the captions (spec 1.3)
     self.max_regions = max_regions
     self.feature_dim = feature_dim
     self.num_captions_per_image = num_captions_per_image
@@ -111,7 +113,7 @@ class BatchBuilder:
     Rust object and may raise "Already borrowed" when prefetch threads share it (huggingface/tokenizers#537)."""
     with _TOKENIZER_LOCK:
       text = inputs.text_inputs(self.tokenizer, captions, self.max_text_len)
-      image = inputs.image_inputs(self.tokenizer, features, tags, self.max_text_len, self.max_regions,
+      image = inputs.image_inputs(self.tokenizer, features, tags, self.max_tag_len, self.max_regions,
                                   self.feature_dim)
     return text, image
 
@@ -278,14 +280,14 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
                         max_regions: int, feature_dim: int, num_captions_per_image: int = 5,
                         negatives_per_pair: int = 0, replace_ratio: float = 0.3, process_index: int | None = None,
                         process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
-                        tag_vocabulary=None) -> TrainIterator:
+                        tag_vocabulary=None, max_tag_len: int = 0) -> TrainIterator:
   """The training iterator over `source` (random access: `len`, `[i]` -> record dict, see ARCHITECTURE.md).
 
   Yields this process's rows of each global batch: dicts of numpy arrays with the "Training batch" keys
   of ARCHITECTURE.md plus `image_id`, and `neg_text_*` / `neg_image_*` [B, K, ...] when
   `negatives_per_pair` K > 0. `process_index` / `process_count` default to JAX's. `tag_vocabulary` (a
   `negatives.TagVocabulary` or a list of words) spares a scan of the source when negatives are on; see
-  `negatives.build_tag_vocabulary(source, cache_path=...)`.
+  `negatives.build_tag_vocabulary(source, cache_path=...)`. `max_tag_len`: tag tokens (0: `max_text_len`).
   """
   if process_index is None or process_count is None:
     import jax
@@ -295,5 +297,5 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
       source, tokenizer=tokenizer, global_batch_size=global_batch_size, seed=seed, max_text_len=max_text_len,
       max_regions=max_regions, feature_dim=feature_dim, num_captions_per_image=num_captions_per_image,
       negatives_per_pair=negatives_per_pair, replace_ratio=replace_ratio, process_index=process_index,
-      process_count=process_count, tag_vocabulary=tag_vocabulary)
+      process_count=process_count, tag_vocabulary=tag_vocabulary, max_tag_len=max_tag_len)
   return TrainIterator(builder, worker_count=worker_count, prefetch=prefetch)

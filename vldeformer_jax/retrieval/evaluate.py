@@ -56,7 +56,7 @@ class Gallery:
     cfg = encoder.model_config
     recs = [self.source[int(self.rows[p])] for p in positions]
     return inputs.image_inputs(encoder.tokenizer, [np.asarray(r["features"], np.float32) for r in recs],
-                               [_text(r["tags"]) for r in recs], cfg.max_text_len, cfg.max_regions,
+                               [_text(r["tags"]) for r in recs], cfg.tag_len, cfg.max_regions,
                                cfg.img_feature_dim)
 
   def text_inputs(self, encoder, positions: Sequence[int] | None = None) -> dict[str, np.ndarray]:
