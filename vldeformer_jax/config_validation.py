@@ -122,7 +122,8 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
   try:
     lengths = {k: int(d[k]) for k in ("max_text_len", "max_tag_len", "max_regions")}  # the model's, too
     mc = ModelConfig.from_dict({**dict(config.model), **lengths}, strict=True, source="config.model")
-    if config.objective == "early_interaction" and not config.init_export and mc.packed_len > mc.max_position_embeddings:
+    packs_pairs = config.objective == "early_interaction" and not config.init_export
+    if packs_pairs and mc.packed_len > mc.max_position_embeddings:
       errors.append(f"config.data: an early-interaction pair has max_text_len + max_tag_len - 1 = {mc.packed_len} "
                     f"token positions, more than config.model.max_position_embeddings {mc.max_position_embeddings}")
   except (ValueError, TypeError) as e:

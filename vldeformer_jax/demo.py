@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 MAIN = "stage2"  # the decomposed model the headline numbers are about
 ABLATIONS = {
     # name: (init, hard negatives on, description). Two questions: do the hard negatives help (stage2 against
-    # the first), and does the early-interaction knowledge (the three inits, all without hard negatives,
-    # which double a stage-2 step)?
+    # the first), and does the early-interaction knowledge matter (the three inits, all without the hard
+    # negatives, which double the cost of a stage-2 step)?
     "ablation_stage1_no_negatives": ("stage1", False, "stage-1 weights, plain in-batch InfoNCE"),
     "ablation_bert": ("bert", False, "plain BERT weights (MiniLM-L6, converted), plain in-batch InfoNCE"),
     "ablation_random": ("random", False, "random weights, plain in-batch InfoNCE"),

@@ -45,7 +45,6 @@ DEFAULTS = {
     "num_negatives": 1,         # batch negatives per positive, in each direction (image and caption)
     "hard_candidates": 8,       # random candidates scored per positive by `hard_match`
     "hard_fraction": 1.0,       # hard modes: each negative is the hard one with this probability, else random
-                                # (from scratch, hard-only negatives keep ITM at chance longer: a mix starts it)
     "composed_negatives": True,  # use the pipeline's neg_text_* / neg_image_* when the batch has them
     "balanced": True,           # ITM: positives and negatives weigh half each (else the plain mean over pairs,
                                 # whose 1:4 label prior is a plateau a model trained from scratch sits on)
@@ -248,7 +247,8 @@ def ranking_loss(logits: Array, n: int, k: int) -> Array:
 
 def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array], rng: Array,
                            config) -> tuple[Array, dict[str, Array]]:
-  """ITM cross entropy + `config.loss.mlm_weight` * MLM cross entropy, and scalar metrics.
+  """ITM cross entropy + `rank_weight` * ranking + `itc_weight` * ITC + `config.loss.mlm_weight` * MLM
+  cross entropy, and scalar metrics.
 
   `model` is a `VLDeformer`, `params` its parameter tree, `batch` a training batch (ARCHITECTURE.md),
   `rng` a PRNG key (negatives, masking, dropout), `config` the training ConfigDict: reads

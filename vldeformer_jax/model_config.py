@@ -40,7 +40,7 @@ class ModelConfig:
   projection_dim: int = 0  # 0: no projection head (the released model); >0: a Linear after tanh.
   # Input lengths of spec 1.3: caption tokens, tag tokens, regions.
   max_text_len: int = 35
-  max_tag_len: int = 0  # 0: max_text_len, as spec 1.3; shorter where tags are short (the demo: 10 of 35)
+  max_tag_len: int = 0  # 0: max_text_len, as spec 1.3; shorter where tags are short (the demo: 8)
   max_regions: int = 70
   # Compute dtype; parameters always stay float32.
   dtype: str = "float32"
