@@ -59,7 +59,8 @@ def train_step(t: dict, load: float | None = None, cores: int | None = None) -> 
   lines = [
       f"Model: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, "
       f"intermediate {c['intermediate_size']}, vocab {c['vocab_size']}; {c['max_text_len']} caption tokens; "
-      f"{c.get('max_tag_len') or c['max_text_len']} tag tokens + {c['max_regions']} regions of {c['img_feature_dim']}-d; batch "
+      f"{c.get('max_tag_len') or c['max_text_len']} tag tokens + {c['max_regions']} regions of "
+      f"{c['img_feature_dim']}-d; batch "
       f"{t['batch_size']} on 1 device, float32, dropout 0.1, AdamW + clipping.",
       "",
       "| | JAX (train.py step, jitted) | PyTorch eager |",

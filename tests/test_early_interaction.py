@@ -232,14 +232,13 @@ def test_mlm_loss_matches_full_sequence_reference(model_and_params, mlm_pass):
   def reference_pieces(b):
     pairs, labels = ei.build_match_pairs(model, params, b, r_neg, opts)
     itm = None
+    pos = {k: v[:5] for k, v in pairs.items()}
     if mlm_pass == "shared":
-      masked, positions, mlm_labels, w = (x[:5] for x in ei.mask_tokens(r_mask, pairs, opts, V))
-      all_masked = ei.mask_tokens(r_mask, pairs, opts, V)[0]
+      all_masked, positions, mlm_labels, w = ei.mask_tokens(r_mask, pairs, opts, V)
       itm = model.apply({"params": params}, all_masked, *[pairs[k] for k in IMAGE_KEYS[1:]],
                         method=VLDeformer.match_logits), labels
-      pos = {k: v[:5] for k, v in pairs.items()}
+      masked, positions, mlm_labels, w = all_masked[:5], positions[:5], mlm_labels[:5], w[:5]
     else:
-      pos = {k: v[:5] for k, v in pairs.items()}
       masked, positions, mlm_labels, w = ei.mask_tokens(r_mask, pos, opts, V)
     h, _ = model.apply({"params": params}, masked, pos["token_type_ids"], pos["attention_mask"],
                        pos["img_feats"], method=VLDeformer.encode)

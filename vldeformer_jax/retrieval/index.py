@@ -46,7 +46,6 @@ class BadIndexError(ValueError):
   """A missing, corrupt, stale or foreign index (the message says which file and what to do)."""
 
 
-
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
