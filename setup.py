@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="VLDeformer: decompose a vision-language transformer into fast single-modality encoders (JAX/Flax).",
     packages=setuptools.find_packages(include=["vldeformer_jax", "vldeformer_jax.*"]),
-    package_data={"vldeformer_jax": ["assets/*.txt"]},
+    package_data={"vldeformer_jax.model": ["assets/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7.0",

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from vldeformer_jax import fileio
+from vldeformer_jax.io import files as fileio
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -56,7 +56,7 @@ def measure(pairs: int, chunk_size: int, repeats: int, execute: bool = True) -> 
   """Loss + gradient of `pairs` pairs (+1 hard negative each), in this process."""
   import jax
   import jax.numpy as jnp
-  from vldeformer_jax import losses
+  from vldeformer_jax.training import losses
 
   rng = np.random.default_rng(0)
   arrays = [rng.standard_normal((pairs, DIM), np.float32), rng.standard_normal((pairs, DIM), np.float32),

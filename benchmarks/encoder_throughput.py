@@ -29,12 +29,12 @@ def _corpus(n: int, cfg, seed: int = 0):
 
 def model_config(size: str, layers: int = 0):
   """`bert_base` (with `layers` > 0: BERT-base widths, that many layers) or the demo model."""
-  from vldeformer_jax.model_config import ModelConfig
+  from vldeformer_jax.model.config import ModelConfig
   if size == "bert_base":
     return ModelConfig(num_hidden_layers=layers) if layers else ModelConfig()
-  from configs import demo
-  from vldeformer_jax import train_setup
-  return train_setup.model_config_from(demo.get_config())[0]  # config.model with the data's lengths
+  from vldeformer_jax.demo import settings
+  from vldeformer_jax.training import setup as train_setup
+  return train_setup.model_config_from(settings.stage2_config())[0]  # config.model with the data's lengths
 
 
 _PARAMS = {}  # (size, layers) -> parameters: float32 whatever the compute dtype, so shared by both rows
@@ -43,8 +43,8 @@ _PARAMS = {}  # (size, layers) -> parameters: float32 whatever the compute dtype
 def measure(size: str, dtype: str, num_images: int, num_captions: int, batch_size: int, repeats: int,
             layers: int = 0) -> dict:
   import jax
-  from vldeformer_jax.encoder import Encoder
-  from vldeformer_jax.model import init_params
+  from vldeformer_jax.retrieval.encoder import Encoder
+  from vldeformer_jax.model.vldeformer import init_params
 
   cfg = model_config(size, layers).replace(dtype=dtype)
   if (size, layers) not in _PARAMS:

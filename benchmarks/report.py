@@ -63,7 +63,7 @@ def train_step(t: dict, load: float | None = None, cores: int | None = None) -> 
       f"{c['img_feature_dim']}-d; batch "
       f"{t['batch_size']} on 1 device, float32, dropout 0.1, AdamW + clipping.",
       "",
-      "| | JAX (train.py step, jitted) | PyTorch eager |",
+      "| | JAX (training/step.py step, jitted) | PyTorch eager |",
       "|---|---|---|",
       f"| median step ({t['jax_step']['n']} interleaved runs) | {_s(t['jax_step']['median'])} | "
       f"{_s(t['torch_step']['median'])} |",

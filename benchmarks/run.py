@@ -18,7 +18,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common, report  # noqa: E402
-from vldeformer_jax import fileio  # noqa: E402
+from vldeformer_jax.io import files as fileio  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "smaller sizes and fewer repeats (under 3 minutes on an idle machine)")

@@ -2,10 +2,10 @@
 
 Why in the benchmark and not in the package: it is the yardstick the JAX step is judged against (table 1),
 built the way a PyTorch user would build VLDeformer today: `BertEmbeddings` + `BertEncoder` with eager
-attention, `nn.Linear` + `nn.LayerNorm` for the regions (spec 2.2), the unmasked mean -> dropout -> tanh
-pooling of both branches (spec 1.2), InfoNCE summed over both directions at temperature 0.005 (spec 4.1)
+attention, `nn.Linear` + `nn.LayerNorm` for the regions (docs/method.md §1.1), the unmasked mean -> dropout -> tanh
+pooling of both branches (docs/method.md §2.1), InfoNCE summed over both directions at temperature 0.005 (docs/method.md §4.1)
 and `torch.optim.AdamW` (its default foreach implementation) with global-norm clipping at 1.0 and weight
-decay 0.05 off biases and LayerNorm weights (spec 5.1).
+decay 0.05 off biases and LayerNorm weights (docs/method.md §6.1).
 """
 from __future__ import annotations
 

@@ -22,16 +22,16 @@ def optimizer_group(cfg):
   import jax.numpy as jnp
   import optax
   import torch
-  from configs import common as configs_common
-  from vldeformer_jax import optim
-  from vldeformer_jax.model import init_params
+  from vldeformer_jax.training.defaults import base_config
+  from vldeformer_jax.training import optim
+  from vldeformer_jax.model.vldeformer import init_params
 
   # Zeros of the parameter tree's shapes: the update's cost does not depend on the values, and
   # jax.eval_shape needs no compilation of the random initialiser.
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
   trainable = {"model": params, "log_temperature": jnp.zeros(())}
-  tx, _ = optim.make_optimizer(configs_common.get_config().train, total_steps=1000)
+  tx, _ = optim.make_optimizer(base_config().train, total_steps=1000)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), trainable)
   hold = {"p": trainable, "o": tx.init(trainable)}
 
@@ -146,7 +146,7 @@ def run(repeats: int = 5, quick: bool = False) -> dict:
   """`quick`: BERT-base widths with 1 layer instead of 12 (a smoke test: the optimiser, attention and
   dropout groups scale with the layer count, the embedding group not at all)."""
   from tqdm import tqdm
-  from vldeformer_jax.model_config import ModelConfig
+  from vldeformer_jax.model.config import ModelConfig
   cfg = ModelConfig(num_hidden_layers=1) if quick else ModelConfig()
   batch = 8
   builders = [lambda: optimizer_group(cfg),

@@ -1,6 +1,6 @@
 """Table 1: one decomposed training step, this project's jitted JAX step against PyTorch eager.
 
-The JAX side is `vldeformer_jax.train`'s real step (`make_train_step` + `jit_train_step`: both branches
+The JAX side is `vldeformer_jax.training.loop`'s real step (`make_train_step` + `jit_train_step`: both branches
 with dropout, the gathered InfoNCE of `losses`, clipping + AdamW of `optim`, the state donated), on a
 one-device mesh. The PyTorch side is `benchmarks.torch_reference`. Both see the same batch; their times
 are interleaved in one process and compared as a median ratio.
@@ -63,11 +63,14 @@ def _jax_step(cfg, batch_np, temperature: float):
   """The real train.py step on a one-device mesh: (jitted step, state, batch, rng)."""
   import jax
   import jax.numpy as jnp
-  from configs import common as configs_common
-  from vldeformer_jax import optim, parallel, train
-  from vldeformer_jax.model import VLDeformer, init_params
+  from vldeformer_jax.training.defaults import base_config
+  from vldeformer_jax.training import optim
+  from vldeformer_jax import parallel
+  from vldeformer_jax.training import state as state_lib
+  from vldeformer_jax.training import step as step_lib
+  from vldeformer_jax.model.vldeformer import VLDeformer, init_params
 
-  config = configs_common.get_config()
+  config = base_config()
   for k, v in cfg.to_dict().items():
     config.model[k] = v
   config.train.global_batch_size = len(batch_np["text_input_ids"])
@@ -76,10 +79,10 @@ def _jax_step(cfg, batch_np, temperature: float):
   model = VLDeformer(cfg)
   tx, schedule = optim.make_optimizer(config.train, total_steps=1000)
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-  state = train.create_state(params, jnp.log(temperature), tx)
+  state = state_lib.create_state(params, jnp.log(temperature), tx)
   state = jax.device_put(state, parallel.replicated(mesh))
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = train.jit_train_step(train.make_train_step(model, config, mesh, tx, schedule), shardings, mesh)
+  step = step_lib.jit_train_step(step_lib.make_train_step(model, config, mesh, tx, schedule), shardings, mesh)
   batch = parallel.global_batch(batch_np, mesh)
   return step, state, batch, jax.random.key(1)
 
@@ -89,7 +92,7 @@ def run(batch_size: int = 8, repeats: int = 5, size: dict | None = None, tempera
   import jax
   import torch
   from benchmarks import peaks, torch_reference
-  from vldeformer_jax.model_config import ModelConfig
+  from vldeformer_jax.model.config import ModelConfig
 
   cfg = ModelConfig(**(size or BERT_BASE))
   batch = make_batch(cfg, batch_size)

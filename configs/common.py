@@ -1,87 +1,10 @@
-"""The base training config: every field that `vldeformer_jax.train.train_and_evaluate` reads.
+"""The base training config: every field with its default (`vldeformer_jax.training.defaults`).
 
-Variants (`tiny.py`, `demo.py`, `vinvl_base_coco.py`, ...) start from `get_config()` here and change a few
-fields; any field can also be overridden on the command line:
-
-  python launch/train.py --config=configs/demo.py --workdir=runs/demo/stage2 \
-      --config.train.num_steps=500 --config.loss.temperature=0.02
-
-Field meanings are documented next to each default. `model` holds every `ModelConfig` field: it defines the
-model for a random init; with `init_export` the sizes come from the export and only the fields in
-`train.EXPORT_OVERRIDES` (dropout, pooling, projection, compute dtype) are taken from here.
+  python launch/train.py --config=configs/common.py --workdir=runs/x --config.data.name=... --config.data.data_dir=...
 """
-import ml_collections
-
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.training.defaults import base_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.objective = "decompose"    # 'decompose' (stage 2, contrastive) | 'early_interaction' (stage 1)
-  c.init_export = ""           # an export directory (launch/convert_checkpoint.py or a previous run); '' = random
-  c.init_allow_missing = ()    # regexes of parameters an export may lack (freshly initialised, e.g. 'projection/.*')
-
-  c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
-
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = ""         # tensorflow-datasets data_dir (launch/prepare_data.py --data_dir)
-  c.data.name = ""             # dataset name under data_dir (launch/prepare_data.py --name)
-  c.data.generate = ""         # '' | 'demo': write the demo dataset into data_dir first if it is missing
-  c.data.generate_num_train = 0  # with generate='demo': training images (0 = the generator's default)
-  c.data.generate_num_test = 0   # with generate='demo': test images (0 = the generator's default)
-  c.data.generate_seed = 0      # with generate='demo': the dataset's seed (not the training seed, so runs share it)
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
-  c.data.max_text_len = 35     # caption tokens and tag tokens, each (spec 1.3); also the model's
-  c.data.max_tag_len = 0       # > 0: tag tokens, when tags are shorter than captions; also the model's
-  c.data.max_regions = 70      # regions per image (spec 1.3); also the model's
-  c.data.num_captions_per_image = 5
-  c.data.worker_count = 0      # grain worker processes (0: threads in this process)
-  c.data.prefetch = 2
-  c.data.negatives = ml_collections.ConfigDict()
-  c.data.negatives.num_per_pair = 0      # bi-modal hard negatives per positive pair (spec 11.6); 0 = off
-  c.data.negatives.replace_ratio = 0.3   # fraction of object words replaced in a negative caption
-
-  c.train = ml_collections.ConfigDict()
-  c.train.global_batch_size = 32
-  c.train.num_epochs = 1       # used when num_steps == 0: epochs * (train images // global batch)
-  c.train.num_steps = 0
-  c.train.learning_rate = 1e-4
-  c.train.warmup_steps = 0
-  c.train.weight_decay = 0.05  # decoupled, not on biases and LayerNorm scales (spec 5.1)
-  c.train.adam_b1 = 0.9
-  c.train.adam_b2 = 0.999
-  c.train.adam_eps = 1e-8
-  c.train.max_grad_norm = 1.0  # global L2 norm; 0 = no clipping
-  c.train.grad_accum_steps = 1  # micro-batches per step (each micro-batch is its own contrastive pool)
-  c.train.log_every = 10
-  c.train.checkpoint_every = 200
-  c.train.eval_every = 0       # 0: evaluate at the end only; -1: never
-  c.train.max_to_keep = 3
-  c.train.async_checkpoints = True
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.name = "infonce"      # 'infonce' | 'hardness' | 'hinge' (objective 'decompose')
-  c.loss.temperature = 0.005   # spec 4.1: fixed, both directions
-  c.loss.learnable_temperature = False  # learn log(temperature), initialised at `temperature`
-  c.loss.beta = 0.0            # 'hardness': concentration (spec 4.3)
-  c.loss.tau_plus = 0.0        # 'hardness': false-negative prior (spec 4.3)
-  c.loss.margin = 0.2          # 'hinge'
-  c.loss.chunk_size = 0        # > 0: rows of the logits in chunks (memory), same result
-  c.loss.mlm_weight = 1.0      # objective 'early_interaction': weight of the MLM term
-
-  c.early_interaction = ml_collections.ConfigDict()  # see vldeformer_jax.early_interaction.DEFAULTS
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.protocol = "full"     # full | coco5k | coco1k | flickr1k | all (vldeformer_jax.retrieval.evaluate)
-  c.eval.batch_size = 64
-  c.eval.max_images = 0        # evaluate on the first N images of eval_split (0 = all)
-  c.eval.best_metric = "rsum"  # 'rsum' | 'i2t_R@1' | 't2i_R@1': keeps the best checkpoint in workdir/best
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1             # -1: every device not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.model = 1
-  return c
+  return base_config()

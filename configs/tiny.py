@@ -5,11 +5,11 @@ dataset that the run generates into `<workdir>/data` on first use.
 
 `arg` picks the objective: `configs/tiny.py:early_interaction` trains stage 1 instead of the decomposition.
 """
-from configs import common
+from vldeformer_jax.training.defaults import base_config
 
 
 def get_config(arg=None):
-  c = common.get_config()
+  c = base_config()
   c.objective = arg or "decompose"
   c.seed = 0
   c.model.hidden_size = 32

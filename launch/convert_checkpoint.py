@@ -11,7 +11,7 @@ import sys
 from absl import app
 from absl import flags
 
-from vldeformer_jax import convert
+from vldeformer_jax.io import convert
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Source checkpoint directory.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Export directory to write.", required=True)

@@ -1,4 +1,4 @@
-"""The whole paper in one command: `vldeformer_jax.demo.run_demo(workdir)`.
+"""The whole paper in one command: `vldeformer_jax.demo.job.run_demo(workdir)`.
 
   time python launch/demo.py --workdir=runs/demo
 
@@ -17,7 +17,6 @@ from absl import logging
 from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)  # for `configs.*`
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the whole demo (data, runs, results, report).")
 _STAGE1 = config_flags.DEFINE_config_file(
@@ -36,7 +35,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import logging as py_logging
   py_logging.getLogger("vldeformer_jax").setLevel(py_logging.INFO)
-  from vldeformer_jax import config_validation, demo
+  from vldeformer_jax.training import config_checks as config_validation
+  from vldeformer_jax.demo import job as demo
 
   plan = demo.DemoPlan()
   if _CROSS_MAX.value is not None:

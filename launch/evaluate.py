@@ -13,11 +13,13 @@ import sys
 from absl import app
 from absl import flags
 
+from vldeformer_jax.retrieval.metrics import PROTOCOLS
+
 _EXPORT = flags.DEFINE_string("export", None, "Export directory (launch/convert_checkpoint.py or training).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir of the prepared dataset.")
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name (as given to launch/prepare_data.py).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
-_PROTOCOL = flags.DEFINE_enum("protocol", "full", ["full", "coco5k", "coco1k", "flickr1k", "all"],
+_PROTOCOL = flags.DEFINE_enum("protocol", "full", list(PROTOCOLS),
                               "Evaluation protocol.")
 _RERANK = flags.DEFINE_integer("rerank_top_k", 0, "Re-score each query's top-K with the early-interaction head.")
 _CROSS = flags.DEFINE_bool("cross_encoder", False, "Also evaluate the early-interaction model on every pair.")

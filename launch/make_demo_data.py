@@ -10,7 +10,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vldeformer_jax.data import demo
+from vldeformer_jax.data import demo_world as demo
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "tfds data dir to prepare the demo dataset into.")

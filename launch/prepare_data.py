@@ -1,4 +1,4 @@
-r"""Converts VinVL-format retrieval data (spec 5.2) into a tensorflow-datasets array_record dataset.
+r"""Converts VinVL-format retrieval data (docs/method.md §3.3) into a tensorflow-datasets array_record dataset.
 
   python launch/prepare_data.py --captions_dir=coco_ir --features_dir=coco_ir/features \
       --name=coco_vinvl --data_dir=~/tensorflow_datasets

@@ -1,4 +1,4 @@
-"""Trains (or resumes) a VLDeformer model: `vldeformer_jax.train.train_and_evaluate(config, workdir)`.
+"""Trains (or resumes) a VLDeformer model: `vldeformer_jax.training.loop.train_and_evaluate(config, workdir)`.
 
   python launch/train.py --config=configs/demo.py --workdir=runs/demo/decompose [--config.train.num_steps=300]
 
@@ -14,8 +14,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs.*`
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -33,7 +31,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import logging as py_logging
   py_logging.getLogger("vldeformer_jax").setLevel(py_logging.INFO)
-  from vldeformer_jax import config_validation, parallel, train
+  from vldeformer_jax.training import config_checks as config_validation
+  from vldeformer_jax import parallel
+  from vldeformer_jax.training import loop as train
 
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:

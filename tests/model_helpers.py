@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from vldeformer_jax.model import init_params
+from vldeformer_jax.model.vldeformer import init_params
 
 
 def tiny_params(cfg, seed):

@@ -59,7 +59,8 @@ def sharded_loss_and_grads(mesh, feats, w, options):
   """
   import jax
   import jax.numpy as jnp
-  from vldeformer_jax import losses, parallel
+  from vldeformer_jax.training import losses
+  from vldeformer_jax import parallel
 
   loss_fn = losses.sharded_contrastive_loss(mesh, **options)
 

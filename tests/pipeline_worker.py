@@ -97,7 +97,9 @@ def main():
                              process_id=args.process_id)
   assert jax.process_count() == args.num_processes and jax.process_index() == args.process_id
 
-  from vldeformer_jax import inputs, parallel
+  from vldeformer_jax.model import inputs
+
+  from vldeformer_jax import parallel
   from vldeformer_jax.data import pipeline
   tokenizer = inputs.load_tokenizer()
   source = SyntheticSource()

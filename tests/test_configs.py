@@ -1,6 +1,6 @@
 """The training configs, their validation (one line per problem, before any compile) and the optimiser rules.
 
-- every config file loads, and the paper configs hold the settings of spec 5.1 / 11.8;
+- every config file loads, and the paper configs hold the settings of docs/method.md §6.1;
 - `config_validation.validate` reports each kind of error as exactly one line naming the field;
 - `launch/train.py` with a bad config exits with status 2, one `config error:` line per problem on stderr,
   no compile (JAX_LOG_COMPILES=1 shows none) and no workdir created;
@@ -17,12 +17,16 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `configs` is a directory of config files at the repository root
 
-from configs import common, demo, tiny, vinvl_base_coco, vinvl_base_flickr
-from vldeformer_jax import config_validation, optim, train_setup
-from vldeformer_jax.model import init_params
-from vldeformer_jax.model_config import ModelConfig
+from repo_configs import config_module
+
+common, demo, tiny, vinvl_base_coco, vinvl_base_flickr = (
+    config_module(n) for n in ("common", "demo", "tiny", "vinvl_base_coco", "vinvl_base_flickr"))
+from vldeformer_jax.training import config_checks as config_validation
+from vldeformer_jax.training import optim
+from vldeformer_jax.training import setup as train_setup
+from vldeformer_jax.model.vldeformer import init_params
+from vldeformer_jax.model.config import ModelConfig
 
 
 def test_paper_configs_hold_spec_settings():
@@ -68,7 +72,9 @@ def test_valid_config_has_no_errors(tmp_path):
 @pytest.mark.parametrize("change, devices, processes, field", [
     (lambda c: setattr(c.train, "global_batch_size", 12), 8, 1, "config.train.global_batch_size: 12 is not divisible by the 8 batch shards"),
     (lambda c: setattr(c.train, "global_batch_size", 16), 8, 3, "config.train.global_batch_size: 16 is not divisible by the 3 processes"),
-    (lambda c: setattr(c.train, "grad_accum_steps", 4), 8, 1, "config.train.global_batch_size: 16 is not divisible by the 8 batch shards (mesh data x fsdp) x 4 micro-batches"),
+    (lambda c: (setattr(c, "objective", "early_interaction"), setattr(c.train, "grad_accum_steps", 4)), 8, 1, "config.train.global_batch_size: 16 is not divisible by the 8 batch shards (mesh data x fsdp) x 4 micro-batches"),
+    (lambda c: setattr(c.train, "grad_accum_steps", 2), 8, 1, "config.train.grad_accum_steps: 2 would change the objective: the decomposition's InfoNCE pool would be each micro-batch, not the global batch; use 1 and a global batch that fits"),
+    (lambda c: (setattr(c, "objective", "early_interaction"), setattr(c.early_interaction, "itc_weight", 1.0), setattr(c.train, "grad_accum_steps", 2)), 8, 1, "config.train.grad_accum_steps: 2 would change the objective: the ITC term's in-batch pool"),
     (lambda c: setattr(c, "init_export", "/nonexistent/export"), 8, 1, "config.init_export: export directory not found: /nonexistent/export"),
     (lambda c: (setattr(c.data, "generate", ""), setattr(c.data, "data_dir", "/nonexistent/data")), 8, 1, "config.data: dataset 'tiny_demo' not found in /nonexistent/data"),
     (lambda c: setattr(c.loss, "name", "triplet"), 8, 1, "config.loss.name: unknown loss 'triplet'"),

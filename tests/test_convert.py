@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from vldeformer_jax import convert
-from vldeformer_jax import export
-from vldeformer_jax.inputs import BUNDLED_VOCAB
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.io import convert
+from vldeformer_jax.io import export
+from vldeformer_jax.model.inputs import BUNDLED_VOCAB
+from vldeformer_jax.model.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -6,10 +6,12 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs.*`
 
-from configs import tiny  # noqa: E402
-from vldeformer_jax import demo, report  # noqa: E402
+from repo_configs import config_module  # noqa: E402
+
+tiny = config_module("tiny")
+from vldeformer_jax.demo import job as demo  # noqa: E402
+from vldeformer_jax.demo import report
 
 
 def tiny_configs():

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from vldeformer_jax.data import demo
+from vldeformer_jax.data import demo_world as demo
 from vldeformer_jax.data import prepare
 from vldeformer_jax.data import vinvl
-from vldeformer_jax.inputs import load_tokenizer
+from vldeformer_jax.model.inputs import load_tokenizer
 
 FILES = ("features.tsv", "features.lineidx", "imageid2idx.json", "predictions.tsv", "predictions.lineidx",
          "train_captions.json", "test_captions.json", "test_img_keys.tsv", "test_img_keys_1k.tsv")

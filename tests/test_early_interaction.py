@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from vldeformer_jax import early_interaction as ei
-from vldeformer_jax.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
-from vldeformer_jax.model import VLDeformer, init_params
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.training import early_interaction as ei
+from vldeformer_jax.model.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
+from vldeformer_jax.model.vldeformer import VLDeformer, init_params
+from vldeformer_jax.model.config import ModelConfig
 
 LT, R, F, V = 8, 4, 6, 200
 

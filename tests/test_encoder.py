@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from vldeformer_jax import convert
-from vldeformer_jax import export
-from vldeformer_jax import inputs
-from vldeformer_jax.encoder import Encoder
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.io import convert
+from vldeformer_jax.io import export
+from vldeformer_jax.model import inputs
+from vldeformer_jax.retrieval.encoder import Encoder
+from vldeformer_jax.model.config import ModelConfig
 
 CFG = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   img_feature_dim=6, max_text_len=8, max_regions=4)

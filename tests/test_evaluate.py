@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from vldeformer_jax import export, inputs
-from vldeformer_jax.encoder import Encoder
-from vldeformer_jax.model import VLDeformer
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.io import export
+
+from vldeformer_jax.model import inputs
+from vldeformer_jax.retrieval.encoder import Encoder
+from vldeformer_jax.model.vldeformer import VLDeformer
+from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.retrieval import evaluate
 from model_helpers import tiny_params
 
@@ -146,12 +148,13 @@ def test_protocol_all_and_bad_protocol(setup):
 
 
 def test_cli_writes_json_equal_to_library(tmp_path):
-  from vldeformer_jax.data import demo, prepare
+  from vldeformer_jax.data import demo_world as demo
+  from vldeformer_jax.data import prepare
   cfg = CFG.replace(img_feature_dim=2054)
   export.write_export(str(tmp_path / "export"), tiny_params(cfg, 0), cfg, inputs.BUNDLED_VOCAB)
   name = demo.prepare_demo(str(tmp_path / "data"), seed=1, num_train=4, num_test=12)
   out = tmp_path / "res" / "eval.json"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   run = subprocess.run([sys.executable, "launch/evaluate.py", f"--export={tmp_path / 'export'}",
                         f"--data_dir={tmp_path / 'data'}", f"--dataset={name}", "--split=test", "--protocol=all",
                         "--rerank_top_k=2", "--cross_encoder", "--cross_max_images=4", "--batch_size=8",

@@ -9,9 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from vldeformer_jax import export, inputs
-from vldeformer_jax.encoder import Encoder
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.io import export
+
+from vldeformer_jax.model import inputs
+from vldeformer_jax.retrieval.encoder import Encoder
+from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.retrieval import index, search
 from model_helpers import tiny_params
 
@@ -146,7 +148,7 @@ def test_compact_recall_cost_is_measured():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  from vldeformer_jax.data import demo
+  from vldeformer_jax.data import demo_world as demo
   d = tmp_path_factory.mktemp("index")
   cfg = ModelConfig(**TINY)
   export.write_export(str(d / "export"), tiny_params(cfg, 0), cfg, inputs.BUNDLED_VOCAB)
@@ -220,7 +222,7 @@ def test_foreign_stale_and_corrupt_indexes_are_refused(tiny, tmp_path):
 
 def test_cli_build_query_and_refusal(tiny):
   d, name = tiny
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   common = [f"--export={d / 'export'}", f"--index={d / 'cli_idx'}"]
   build = subprocess.run([sys.executable, "launch/index.py", "build", *common, f"--data_dir={d / 'data'}",
                           f"--dataset={name}", "--split=test", "--side=captions", "--compact=binary"],

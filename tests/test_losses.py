@@ -1,7 +1,7 @@
 """The losses against plain full-batch references: sharded over 1, 2 and 8 devices, over 2 processes,
 chunked, and on hand-computed examples.
 
-The references below are written from the spec (4.1, 4.3, VSE++) with explicit [G x pool] similarity
+The references below are written from docs/method.md (§4.1-4.3) with explicit [G x pool] similarity
 matrices and direct exponentials: float64 numpy for values and metrics, the same code on jnp float32
 with jax.grad for gradients.
 """
@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vldeformer_jax import losses, parallel
+from vldeformer_jax.training import losses
+
+from vldeformer_jax import parallel
 
 import multiprocess_loss_worker as worker
 
@@ -158,7 +160,7 @@ def test_sharded_loss_and_grads_equal_full_batch_reference(name, devices):
 
 
 def test_reference_data_exercises_accuracy_and_hardness_clamp():
-  """The shared problem is not degenerate: some queries are right, some wrong, and spec 4.3's lower clamp
+  """The shared problem is not degenerate: some queries are right, some wrong, and the lower clamp of docs/method.md §4.2
   is active on some rows but not all (checked with the reference's own float64 quantities)."""
   _, metrics64, _ = reference("infonce")
   assert 0.2 < metrics64["t2i_accuracy"] < 1.0 and 0.2 < metrics64["i2t_accuracy"] < 1.0

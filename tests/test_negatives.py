@@ -1,4 +1,4 @@
-"""Bi-modal hard negatives (spec 3.2 A, 11.6): what a composed caption and a composed image may contain."""
+"""Bi-modal hard negatives (docs/method.md §5): what a composed caption and a composed image may contain."""
 import json
 import math
 

@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from vldeformer_jax import parallel
-from vldeformer_jax.model import VLDeformer, init_params
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.model.vldeformer import VLDeformer, init_params
+from vldeformer_jax.model.config import ModelConfig
 
 TINY = ModelConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=64, img_feature_dim=12, max_text_len=8,

@@ -20,9 +20,9 @@ import torch
 from transformers import BertConfig, BertModel
 from transformers.models.bert import modeling_bert as hf
 
-from vldeformer_jax import inputs
-from vldeformer_jax.encoder import Encoder
-from vldeformer_jax.model import VLDeformer
+from vldeformer_jax.model import inputs
+from vldeformer_jax.retrieval.encoder import Encoder
+from vldeformer_jax.model.vldeformer import VLDeformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""The training input pipeline: coverage, process-count invariance, resumption, spec 1.3 inputs, negatives.
+"""The training input pipeline: coverage, process-count invariance, resumption, the inputs of docs/method.md §3, negatives.
 
 Global batches are compared exactly (every key, every byte) between 1 process, 2, 4 and 8 simulated
 processes, 2 real `jax.distributed` processes (tests/pipeline_worker.py), grain worker processes, and runs
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from vldeformer_jax import inputs
+from vldeformer_jax.model import inputs
 from vldeformer_jax.data import negatives, pipeline
 
 import pipeline_worker as worker
@@ -219,18 +219,19 @@ def test_two_jax_processes_see_the_same_global_batches(reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_train(tmp_path_factory):
-  from vldeformer_jax.data import demo, prepare
+  from vldeformer_jax.data import demo_world as demo
+  from vldeformer_jax.data import prepare
   data_dir = str(tmp_path_factory.mktemp("demo_data"))
   name = demo.prepare_demo(data_dir, seed=0, num_train=40, num_test=12)
   return prepare.load_split(data_dir, name, "train")
 
 
 def test_prepared_dataset_resumed_into_a_grain_worker_process(demo_train):
-  """On the tfds source: rows are the spec inputs of their record, composed images copy exact rows, 2
+  """On the tfds source: rows are the inputs (docs/method.md §3) of their record, composed images copy exact rows, 2
   processes stitch to the 1-process batches, and a JSON state restored into an iterator whose batches come
   from a grain worker process (the source and tokenizer pickled to it) continues identically.
   One worker, started once: each start imports jax, grain and transformers, seconds on 2 busy cores."""
-  from vldeformer_jax.data import demo
+  from vldeformer_jax.data import demo_world as demo
   records = [demo_train[i] for i in range(len(demo_train))]
   by_id = {int(r["image_id"]): r for r in records}
   vocab = negatives.build_tag_vocabulary(demo_train, progress=False)

@@ -25,13 +25,18 @@ import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from configs import tiny  # noqa: E402
-from vldeformer_jax import checkpoint, optim, parallel, train_setup  # noqa: E402
-from vldeformer_jax.export import read_export  # noqa: E402
-from vldeformer_jax.metrics import read_metrics  # noqa: E402
-from vldeformer_jax.model_config import ModelConfig  # noqa: E402
+from repo_configs import config_module  # noqa: E402
+
+tiny = config_module("tiny")
+from vldeformer_jax.io import checkpoint  # noqa: E402
+from vldeformer_jax.training import optim
+from vldeformer_jax import parallel
+from vldeformer_jax.training import setup as train_setup
+from vldeformer_jax.training import state as state_lib
+from vldeformer_jax.io.export import read_export  # noqa: E402
+from vldeformer_jax.training.metric_writers import read_metrics  # noqa: E402
+from vldeformer_jax.model.config import ModelConfig  # noqa: E402
 
 TRAIN_KEYS = {"loss", "t2i_accuracy", "i2t_accuracy", "pos_sim", "neg_sim", "grad_norm", "param_norm",
               "learning_rate", "temperature"}
@@ -102,8 +107,8 @@ def test_tiny_trains_end_to_end_through_launch(env, uninterrupted):
 
   # The export: Encoder.load reads it, it holds exactly the last checkpoint's parameters, and the logged
   # retrieval numbers are those of an independent evaluation of it.
-  from vldeformer_jax.encoder import Encoder
-  from vldeformer_jax.export import read_export
+  from vldeformer_jax.retrieval.encoder import Encoder
+  from vldeformer_jax.io.export import read_export
   from vldeformer_jax.data import prepare
   from vldeformer_jax.retrieval.evaluate import evaluate
   ex = read_export(str(workdir / "export"))
@@ -173,8 +178,8 @@ def test_checkpoint_from_8_devices_restores_on_1(uninterrupted):
   step = ckpts.latest_step()
   mesh8 = parallel.make_mesh(devices=jax.devices()[:8])
   mesh1 = parallel.make_mesh(devices=jax.devices()[:1])
-  on8, data8, _ = ckpts.restore(step, train_setup.abstract_state(mc, tx, mesh8))
-  on1, data1, _ = ckpts.restore(step, train_setup.abstract_state(mc, tx, mesh1))
+  on8, data8, _ = ckpts.restore(step, state_lib.abstract_state(mc, tx, mesh8))
+  on1, data1, _ = ckpts.restore(step, state_lib.abstract_state(mc, tx, mesh1))
   ckpts.close()
   assert data8 == data1 and data1["step"] == step
   for x in jax.tree.leaves(on1):

@@ -6,7 +6,7 @@ from vldeformer_jax.retrieval import metrics
 
 
 def reference_metrics(sim, txt2img):
-  """Plain loops + stable argsort: the definition of spec 6, written independently of metrics.py."""
+  """Plain loops + stable argsort: the definition of docs/method.md §7.2, written independently of metrics.py."""
   n_img, n_txt = sim.shape
   i2t, ap = [], []
   for i in range(n_img):

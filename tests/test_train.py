@@ -16,12 +16,17 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from configs import tiny  # noqa: E402
-from vldeformer_jax import optim, parallel, train, train_setup  # noqa: E402
-from vldeformer_jax.metrics import read_metrics  # noqa: E402
-from vldeformer_jax.model import VLDeformer  # noqa: E402
+from repo_configs import config_module  # noqa: E402
+
+tiny = config_module("tiny")
+from vldeformer_jax.training import optim  # noqa: E402
+from vldeformer_jax import parallel
+from vldeformer_jax.training import state as state_lib
+from vldeformer_jax.training import step as step_lib
+from vldeformer_jax.training import setup as train_setup
+from vldeformer_jax.training.metric_writers import read_metrics  # noqa: E402
+from vldeformer_jax.model.vldeformer import VLDeformer  # noqa: E402
 
 
 
@@ -69,7 +74,7 @@ def _run_steps(c, mesh, batches, num_steps):
 
   state, _, _ = train_setup.initial_state(c, init, tx, mesh, NoCheckpoints())
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = train.jit_train_step(train.make_train_step(VLDeformer(mc), c, mesh, tx, schedule), shardings, mesh)
+  step = step_lib.jit_train_step(step_lib.make_train_step(VLDeformer(mc), c, mesh, tx, schedule), shardings, mesh)
   metrics = []
   for b in batches[:num_steps]:
     state, m = step(state, parallel.global_batch(b, mesh), jax.random.key(7))
@@ -134,10 +139,10 @@ def test_gradient_accumulation_equals_full_batch_for_a_mean_loss():
   for accum in (1, 2):
     c.train.grad_accum_steps = accum
     tx, schedule = optim.make_optimizer(c.train, 10)
-    state = train.create_state({"w": jnp.asarray(w0)}, jnp.float32(0.0), tx)
+    state = state_lib.create_state({"w": jnp.asarray(w0)}, jnp.float32(0.0), tx)
     state = jax.device_put(state, parallel.replicated(mesh))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train.jit_train_step(train.make_train_step(None, c, mesh, tx, schedule, loss_fn=loss_fn), shardings, mesh)
+    step = step_lib.jit_train_step(step_lib.make_train_step(None, c, mesh, tx, schedule, loss_fn=loss_fn), shardings, mesh)
     for _ in range(3):
       state, metrics = step(state, parallel.global_batch(batch, mesh), jax.random.key(0))
     results.append((np.asarray(state.params["w"]), jax.device_get(metrics)))
@@ -152,7 +157,7 @@ def test_train_step_compiles_once_from_a_weak_typed_temperature():
   returns has the same types as the one it got, so later steps reuse the first compilation."""
   c = tiny.get_config()
   tx, schedule = optim.make_optimizer(c.train, 10)
-  state = train.create_state({"w": jnp.ones((5,), jnp.float32)}, jnp.log(0.07), tx)
+  state = state_lib.create_state({"w": jnp.ones((5,), jnp.float32)}, jnp.log(0.07), tx)
   assert not any(getattr(x, "weak_type", False) for x in jax.tree.leaves(state))
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -161,7 +166,7 @@ def test_train_step_compiles_once_from_a_weak_typed_temperature():
     loss = jnp.mean((b["x"] @ trainable["model"]["w"]) ** 2)
     return loss, {"loss": loss}
 
-  step = train.jit_train_step(train.make_train_step(None, c, mesh, tx, schedule, loss_fn=loss_fn),
+  step = step_lib.jit_train_step(step_lib.make_train_step(None, c, mesh, tx, schedule, loss_fn=loss_fn),
                               jax.tree.map(lambda x: x.sharding, state), mesh)
   batch = parallel.global_batch({"x": np.ones((4, 5), np.float32)}, mesh)
   for _ in range(3):

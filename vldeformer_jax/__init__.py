@@ -8,13 +8,13 @@ reads one modality at a time, so a gallery is embedded once and search is a matr
     enc = Encoder.load("exports/my_model")
     t = enc.embed_texts(["a red car left of a dog"])
 """
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.model.config import ModelConfig
 
 
 def __getattr__(name):
   # Lazy, so that `import vldeformer_jax` stays cheap and torch-free.
   if name == "Encoder":
-    from vldeformer_jax.encoder import Encoder
+    from vldeformer_jax.retrieval.encoder import Encoder
     return Encoder
   raise AttributeError(name)
 

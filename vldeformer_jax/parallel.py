@@ -7,7 +7,7 @@ simulated devices, or a multi-host TPU pod.
 
 Layout (contracts in ARCHITECTURE.md):
 - The mesh has three axes `('data', 'fsdp', 'model')` with Auto axis types, so plain `jax.jit` partitions
-  freely (`jax.make_mesh` defaults to Explicit axes, which break plain jit; see guide/jax.md).
+  freely (`jax.make_mesh` defaults to Explicit axes, which break plain jit; `make_mesh` builds Auto axes on purpose).
 - The batch (leading) axis is split over `BATCH_AXES = ('data', 'fsdp')`. Devices are ordered by process,
   so process `p` holds the contiguous global rows `[p*B, (p+1)*B)` (`process_slice`), which is what
   `global_batch` assumes when it stitches process-local numpy batches into global `jax.Array`s.

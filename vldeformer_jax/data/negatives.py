@@ -1,4 +1,4 @@
-"""Bi-modal hard negatives (spec 3.2 A and 11.6): a word-replaced caption and a region/tag-mixed image.
+"""Bi-modal hard negatives (docs/method.md §5): a word-replaced caption and a region/tag-mixed image.
 
 The released VLDeformer code builds these in `NegativeRetrievalDataset` but never trains on them; this
 project composes them in the input pipeline, next to each positive pair. Differences from the reference,

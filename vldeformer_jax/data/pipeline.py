@@ -1,10 +1,10 @@
-"""The training input pipeline: host-sharded, deterministic, resumable (spec 5.3, 11.6).
+"""The training input pipeline: host-sharded, deterministic, resumable (docs/method.md §3.4, §5).
 
 What the data is at step `s` is a pure function of (seed, s), never of how many processes or workers read
 it, so a run can resume on another pod shape and still see the same examples:
 
 - an epoch is one pass over the images, in the order of a permutation seeded by (seed, epoch); it holds
-  `num_images // global_batch_size` global batches, the remainder is dropped (spec 5.1: only full batches);
+  `num_images // global_batch_size` global batches, the remainder is dropped (docs/method.md §3.4: only full batches);
 - global step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`; the iterator is infinite;
 - each image comes with one caption drawn uniformly among its first `num_captions_per_image`, and with
   `negatives_per_pair` composed hard negatives (`negatives.py`), from generators seeded by
@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from vldeformer_jax import inputs
+from vldeformer_jax.model import inputs
 from vldeformer_jax.data import negatives as negatives_lib
 
 STATE_FORMAT = "vldeformer_jax.train_iterator"
@@ -81,7 +81,7 @@ class BatchBuilder:
     self.steps_per_epoch = steps_per_epoch(self.num_images, self.global_batch_size)
     self.seed = int(seed)
     self.max_text_len = max_text_len
-    self.max_tag_len = max_tag_len or max_text_len  # 0: as long as the captions (spec 1.3)
+    self.max_tag_len = max_tag_len or max_text_len  # 0: as long as the captions (docs/method.md §3.2)
     self.max_regions = max_regions
     self.feature_dim = feature_dim
     self.num_captions_per_image = num_captions_per_image

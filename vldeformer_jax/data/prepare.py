@@ -32,7 +32,7 @@ from tensorflow_datasets.core import dataset_info as dataset_info_lib
 from tensorflow_datasets.core import sequential_writer
 from tqdm import tqdm
 
-from vldeformer_jax import fileio
+from vldeformer_jax.io import files as fileio
 from vldeformer_jax.data import vinvl
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str
                   splits: Sequence[str] = ("train", "test"), feature_dim: int | None = None,
                   overwrite: bool = False, shard_bytes: int = 256 << 20, description: str | None = None,
                   extra_metadata: dict | None = None) -> str:
-  """Converts the VinVL layout (spec 5.2) into `<data_dir>/<name>/<VERSION>`; returns that path.
+  """Converts the VinVL layout (docs/method.md §3.3) into `<data_dir>/<name>/<VERSION>`; returns that path.
 
   Reads one features row at a time through the `.lineidx` offsets and appends each example to the
   current shard, so memory does not grow with the number of images. Every image of every split is

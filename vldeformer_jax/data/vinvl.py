@@ -1,4 +1,4 @@
-"""Readers for the VinVL / Oscar file layout of spec 5.2, one row at a time.
+"""Readers for the VinVL / Oscar file layout of docs/method.md §3.3, one row at a time.
 
 The COCO release is ~120K images and ~25 GB of base64 region features, so nothing here loads a whole
 `features.tsv`: a `TsvFile` keeps only the byte offset of each row (its `.lineidx`) and seeks to the row it
@@ -24,7 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
-from vldeformer_jax import fileio
+from vldeformer_jax.io import files as fileio
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
 """Cross-modal retrieval: metrics and protocols, evaluation, exact/compact search, a persistent index,
 and the decomposed-vs-early-interaction speed comparison.
 
+  encoder.py    Encoder.load(export): embed_texts / embed_images / match_scores (the public inference API)
+  gallery.py    a split as a gallery: ids and captions in record order, embedded once
   metrics.py    ranks, R@K, medr, rsum, mAP@R from one similarity matrix; COCO 5K / 1K / Flickr 1K
   evaluate.py   evaluate(encoder, split) / evaluate_cross_encoder / re-ranking; run_evaluation (CLI)
   search.py     exact_topk / search_codes: chunked, blocked, device-sharded top-k in JAX; int8 / 1-bit codes

@@ -31,7 +31,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from vldeformer_jax import fileio
+from vldeformer_jax.io import files as fileio
+from vldeformer_jax.retrieval import gallery as gallery_lib
 from vldeformer_jax.retrieval import search
 from vldeformer_jax.retrieval.search import TopK, exact_topk  # noqa: F401  (public: the exact search)
 
@@ -192,15 +193,14 @@ def build_index(encoder, source, path: str, *, side: str = "images", compact: st
                 batch_size: int | None = None, metadata: dict | None = None, overwrite: bool = False,
                 chunk: int = 1024) -> dict:
   """Embeds a split's images (tags + regions) or captions once and writes the index; returns meta.json."""
-  from vldeformer_jax.retrieval import evaluate
-  gallery = evaluate.load_gallery(source)
+  gallery = gallery_lib.load_gallery(source)
   if side == "images":
     embs, ids, texts = [], gallery.image_ids, []
     for a in tqdm(range(0, gallery.num_images, chunk), desc="index images"):
       pos = range(a, min(a + chunk, gallery.num_images))
       x = gallery.image_inputs(encoder, pos)
       embs.append(encoder.embed_image_inputs(x, batch_size=batch_size))
-      texts.extend(evaluate._text(source[int(gallery.rows[p])]["tags"]) for p in pos)
+      texts.extend(gallery_lib.text_of(source[int(gallery.rows[p])]["tags"]) for p in pos)
   elif side == "captions":
     embs, ids, texts = [], gallery.image_ids[gallery.txt2img], gallery.captions
     for a in tqdm(range(0, len(texts), chunk * 5), desc="index captions"):
@@ -244,7 +244,7 @@ def run_build(export: str, data_dir: str, dataset: str, split: str, path: str, *
               compact: str | None = None, batch_size: int = 64, overwrite: bool = False) -> dict:
   """`launch/index.py build`: loads the export and the split, builds the index; returns its meta."""
   from vldeformer_jax.data import prepare
-  from vldeformer_jax.encoder import Encoder
+  from vldeformer_jax.retrieval.encoder import Encoder
   if not (data_dir and dataset):
     raise ValueError("build needs --data_dir and --dataset")
   encoder = Encoder.load(export, batch_size=batch_size)
@@ -258,11 +258,11 @@ def run_query(path: str, export: str, *, text: str | None = None, image_id: int 
               data_dir: str | None = None, dataset: str | None = None, split: str | None = None,
               exact: bool = False) -> list[dict]:
   """`launch/index.py query`: checks the index first (cheap), then loads the export and answers."""
-  from vldeformer_jax import export as export_lib
+  from vldeformer_jax.io import export as export_lib
   index = Index.load(path)
   # Refuse a foreign index before paying for the model: export.json holds the fingerprint.
   index.check_fingerprint(export_lib.read_metadata(export)["fingerprint"], f"export {export}")
-  from vldeformer_jax.encoder import Encoder
+  from vldeformer_jax.retrieval.encoder import Encoder
   encoder = Encoder.load(export)
   record = None
   if image_id is not None:

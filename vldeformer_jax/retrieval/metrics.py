@@ -3,7 +3,7 @@
 Kept apart from the encoder so that the numbers can be checked on hand-built matrices, and so that
 re-ranked or cross-encoder score matrices go through exactly the same code.
 
-Definitions (spec 6):
+Definitions (docs/method.md §7.2):
 - `sim` is [N_img, N_txt]; `txt2img[j]` is the image of caption j (any number of captions per image, each
   image at least one).
 - i2t rank of image i: the 0-based position of its *first* ground-truth caption in row i sorted by
@@ -31,6 +31,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
+# One protocol per matrix, and `all` (every one of them that the split's size allows; evaluate.py).
+MATRIX_PROTOCOLS = ("full", "coco5k", "coco1k", "flickr1k")
+PROTOCOLS = MATRIX_PROTOCOLS + ("all",)
 # Bytes of boolean temporaries allowed per chunk of queries (comparisons are [chunk, R, N]).
 _CHUNK_BYTES = 64 << 20
 
@@ -215,6 +218,6 @@ def protocol_metrics(sim: np.ndarray, txt2img: np.ndarray, protocol: str = "full
     out["num_folds"] = len(folds)
     out["folds"] = folds
   else:
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of full, coco5k, coco1k, flickr1k")
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {MATRIX_PROTOCOLS}")
   out["protocol"] = protocol
   return out

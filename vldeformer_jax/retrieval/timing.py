@@ -18,8 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vldeformer_jax import fileio
-from vldeformer_jax.retrieval import evaluate, search
+from vldeformer_jax.io import files as fileio
+from vldeformer_jax.retrieval import search
+from vldeformer_jax.retrieval.gallery import Gallery, load_gallery
 
 COCO5K = (5000, 25000)
 COCO5K_NAME = "5000 images x 25000 captions"
@@ -49,7 +50,7 @@ def _random_unit(n: int, d: int, seed: int) -> np.ndarray:
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def time_decomposed(encoder, gallery: evaluate.Gallery, batch_size: int | None = None, k: int = 10) -> dict:
+def time_decomposed(encoder, gallery: Gallery, batch_size: int | None = None, k: int = 10) -> dict:
   """Measures the full decomposed retrieval of a gallery: encode all images and captions, search."""
   bs = batch_size or encoder.batch_size  # a short warm-up slice is padded to the same batch shape
   img_x = gallery.image_inputs(encoder, range(gallery.num_images))
@@ -71,7 +72,7 @@ def time_decomposed(encoder, gallery: evaluate.Gallery, batch_size: int | None =
           "extrapolated": False}
 
 
-def time_cross_encoder(encoder, gallery: evaluate.Gallery, sample_pairs: int = 1024,
+def time_cross_encoder(encoder, gallery: Gallery, sample_pairs: int = 1024,
                        batch_size: int | None = None, seed: int = 0) -> dict:
   """Times the early-interaction score of a random sample of (image, caption) pairs; extrapolates to all
   N_img x N_txt pairs of the gallery."""
@@ -106,8 +107,8 @@ def compare(encoder, source_or_gallery, *, max_images: int | None = None, sample
   early-interaction time divided by the decomposed time. `reference_size` (images, captions) replaces
   the COCO-5K size (tests use a small one; the key stays "coco5k").
   """
-  gallery = (source_or_gallery if isinstance(source_or_gallery, evaluate.Gallery)
-             else evaluate.load_gallery(source_or_gallery, max_images))
+  gallery = (source_or_gallery if isinstance(source_or_gallery, Gallery)
+             else load_gallery(source_or_gallery, max_images))
   dec = time_decomposed(encoder, gallery, batch_size, k)
   cross = time_cross_encoder(cross_encoder or encoder, gallery, sample_pairs, batch_size)
   out = {"split": {"decomposed": dec, "cross_encoder": cross, "speedup": cross["total_s"] / dec["total_s"]}}

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vldeformer_jax import fileio
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.io import files as fileio
+from vldeformer_jax.model.config import ModelConfig
 
 FORMAT = "vldeformer_jax.export"
 VERSION = 1

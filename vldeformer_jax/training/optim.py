@@ -1,4 +1,4 @@
-"""The optimiser of spec 5.1: AdamW with decoupled weight decay, warm-up + half cosine, global-norm clipping.
+"""The optimiser of docs/method.md §6.1: AdamW with decoupled weight decay, warm-up + half cosine, global-norm clipping.
 
 Why its own module: the schedule and the weight-decay mask are the two places where a port silently
 drifts from the reference (pytorch_transformers `AdamW` + `WarmupCosineSchedule`), so both are small,
@@ -7,7 +7,7 @@ pure functions that the tests can pin down:
   (total - warmup), floored at 0 (`optax.warmup_cosine_decay_schedule` is exactly this, evaluated at the
   number of updates already applied, so the first update uses lr 0 as the PyTorch scheduler does);
 - no weight decay on any bias and on every LayerNorm scale (image LayerNorm included), decided by the
-  parameter's path (spec 5.1 "no weight decay"); everything outside the model (the log-temperature) is
+  parameter's path (docs/method.md §6.1: no weight decay there); everything outside the model (the log-temperature) is
   never decayed either.
 Gradient accumulation is not an optax wrapper here: `train.py` scans over micro-batches inside one jitted
 step, so one optimiser update happens per call and the step counter counts updates.
@@ -47,7 +47,7 @@ def _path_names(path) -> list[str]:
 
 
 def decays(path: str) -> bool:
-  """Whether the parameter at '/'-joined `path` gets weight decay (spec 5.1: not biases, not LN scales)."""
+  """Whether the parameter at '/'-joined `path` gets weight decay (docs/method.md §6.1: not biases, not LN scales)."""
   names = path.split("/")
   if names[-1] == "bias":
     return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from vldeformer_jax import fileio
+from vldeformer_jax.io import files as fileio
 
 RECALL_KEYS = [(d, k) for d in ("i2t", "t2i") for k in ("R@1", "R@5", "R@10")]
 
@@ -82,7 +82,7 @@ def _plot_curves(workdir: str, runs: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from vldeformer_jax.metrics import read_metrics
+  from vldeformer_jax.training.metric_writers import read_metrics
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
   for name, (_, run_dir) in runs.items():

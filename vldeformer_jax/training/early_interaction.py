@@ -1,9 +1,9 @@
 """Stage 1: train the VL transformer with early interaction (image-text matching + masked language model).
 
 VLDeformer decomposes a one-stream VL transformer that already learned cross-modal knowledge by reading
-caption, tags and regions together (spec 8, item 1; 11.4a). Where no VinVL weights are at hand, this is
+caption, tags and regions together (docs/method.md §2.2, §6.2). Where no VinVL weights are at hand, this is
 the objective that teaches it: VinVL's retrieval head (binary matching on `[CLS] caption [SEP] tags [SEP]`
-+ regions, spec 11.4) plus BERT's masked-language model on the caption and tag tokens of the positives.
++ regions, docs/method.md §2.2) plus BERT's masked-language model on the caption and tag tokens of the positives.
 
 Pairs are built on device from the decomposed pieces of a training batch (ARCHITECTURE.md "Training
 batch") with `inputs.pack_pairs`, so any caption can be paired with any image of the global batch without
@@ -12,7 +12,7 @@ tokenising again:
 - batch negatives: (caption_i, image_j) and (caption_j, image_i), j != i, drawn at random, or the hardest
   j by the decomposed embedding similarity (`hard_embed`, 2B cheap single-modality passes) or by the
   current model's match score among a few random candidates (`hard_match`), always under stop_gradient;
-- the pipeline's composed bi-modal hard negatives (`neg_text_*`, `neg_image_*`, spec 11.6) when present:
+- the pipeline's composed bi-modal hard negatives (`neg_text_*`, `neg_image_*`, docs/method.md §5) when present:
   (caption_i, composed image_ik) and (composed caption_ik, image_i).
 
 MLM runs on its own forward of the masked positives (`mlm_pass='separate'`, as ALBEF) or on the matching
@@ -26,14 +26,14 @@ Everything here is traceable: call it inside `jax.jit` on process-local or globa
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from vldeformer_jax.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
-from vldeformer_jax.losses import contrastive_loss, match_loss, mlm_loss
-from vldeformer_jax.model import VLDeformer
+from vldeformer_jax.model.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
+from vldeformer_jax.training.losses import balanced_match_loss, contrastive_loss, match_loss, mlm_loss
+from vldeformer_jax.model.vldeformer import VLDeformer
 
 Array = jax.Array
 
@@ -245,10 +245,69 @@ def ranking_loss(logits: Array, n: int, k: int) -> Array:
   return 0.5 * (nll(other_images) + nll(other_captions))
 
 
+def _itc_term(model: VLDeformer, params, batch, rng: Array, opts) -> tuple[Array, dict, tuple[Array, Array]]:
+  """ALBEF / Oscar+-style auxiliary: the single-modality passes of stage 2 with in-batch InfoNCE.
+
+  It shapes the token and region representations the joint input is built from; the match score stays
+  the ITM head. With `itc_pooling='cls'` the contrasted vector is the [CLS] pooler output: from random
+  init h_CLS is nearly input-independent (uniform attention averages everything away; its std over a batch
+  is ~1% of the other positions'), so the ITM head has no signal to learn from; contrasting the pooler
+  output makes [CLS] attend to and carry the content. Returns (loss, metrics, (text, image) embeddings).
+  """
+  text, image = split_batch(batch)
+  r_t, r_v = jax.random.split(rng)
+  method = VLDeformer.embed if opts["itc_pooling"] == "model" else (lambda m, *a, **kw: m.encode(*a, **kw)[1])
+  t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], deterministic=False,
+                  method=method, rngs={"dropout": r_t})
+  v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], deterministic=False,
+                  method=method, rngs={"dropout": r_v})
+  tau = float(opts["itc_temperature"])
+  itc, m = contrastive_loss(t, v, temperature_t2i=tau, temperature_i2t=tau)
+  return itc, {"itc_loss": itc, "itc_t2i_accuracy": m["t2i_accuracy"], "itc_i2t_accuracy": m["i2t_accuracy"]}, (t, v)
+
+
+def _itm_term(logits: Array, labels: Array, balanced: bool) -> tuple[Array, dict[str, Array]]:
+  """Image-text matching cross entropy (class-balanced or plain) and the mean match probabilities."""
+  itm_loss, m = (balanced_match_loss if balanced else match_loss)(logits, labels)
+  is_pos = labels == 1
+  prob = jax.nn.softmax(logits, axis=-1)[:, 1]
+  return itm_loss, {
+      "itm_loss": itm_loss,
+      "itm_accuracy": m["match_accuracy"],
+      "match_prob_pos": jnp.sum(jnp.where(is_pos, prob, 0.0)) / jnp.maximum(jnp.sum(is_pos), 1),
+      "match_prob_neg": jnp.sum(jnp.where(is_pos, 0.0, prob)) / jnp.maximum(jnp.sum(~is_pos), 1),
+  }
+
+
+def _joint_forward(model: VLDeformer, params, pairs, rng: Array, mlm_positions: Array | None, n: int):
+  """Match logits of every packed pair; with `mlm_positions` (the shared MLM pass) also the MLM logits at
+  those positions of the first `n` rows (the positives), from the same forward."""
+
+  def fn(m: VLDeformer):
+    h, pooled = m.encode(*[pairs[x] for x in IMAGE_KEYS], deterministic=False)
+    logits = m.match_head(pooled, deterministic=False)
+    if mlm_positions is None:
+      return logits, None
+    return logits, m.mlm_logits(jnp.take_along_axis(h[:n], mlm_positions[..., None], axis=1))
+
+  return model.apply({"params": params}, method=fn, rngs={"dropout": rng})
+
+
+def _mlm_forward(model: VLDeformer, params, rows, masked_ids: Array, positions: Array, rng: Array) -> Array:
+  """MLM logits [n, P, V] at `positions` of the pairs `rows` with `masked_ids` (the separate MLM pass)."""
+
+  def fn(m: VLDeformer):
+    h, _ = m.encode(masked_ids, rows["token_type_ids"], rows["attention_mask"], rows["img_feats"],
+                    deterministic=False)
+    return m.mlm_logits(jnp.take_along_axis(h, positions[..., None], axis=1))
+
+  return model.apply({"params": params}, method=fn, rngs={"dropout": rng})
+
+
 def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array], rng: Array,
                            config) -> tuple[Array, dict[str, Array]]:
-  """ITM cross entropy + `rank_weight` * ranking + `itc_weight` * ITC + `config.loss.mlm_weight` * MLM
-  cross entropy, and scalar metrics.
+  """ITM cross entropy + `itc_weight` * ITC + `rank_weight` * ranking + `config.loss.mlm_weight` * MLM
+  cross entropy (docs/method.md §4.5), and scalar metrics.
 
   `model` is a `VLDeformer`, `params` its parameter tree, `batch` a training batch (ARCHITECTURE.md),
   `rng` a PRNG key (negatives, masking, dropout), `config` the training ConfigDict: reads
@@ -256,83 +315,48 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
   """
   opts = options(config)
   mlm_weight = float(config.get("loss", {}).get("mlm_weight", 1.0))
+  itc_weight, rank_weight = float(opts["itc_weight"]), float(opts["rank_weight"])
   r_neg, r_drop_itm, r_mask, r_drop_mlm, r_drop_itc = jax.random.split(rng, 5)
-  itc_weight = float(opts["itc_weight"])
-  embeddings, metrics = None, {}
+  metrics, embeddings = {}, None
   if itc_weight > 0:
-    # ALBEF / Oscar+-style auxiliary: the single-modality passes of stage 2, in-batch InfoNCE. It shapes the
-    # token and region representations the joint input is built from; the match score stays the ITM head.
-    text, image = split_batch(batch)
-    r_t, r_v = jax.random.split(r_drop_itc)
-    # 'cls': from random init h_CLS is nearly input-independent (uniform attention averages everything
-    # away; its std over a batch is ~1% of the other positions'), so the ITM head has no signal to learn
-    # from. Contrasting the pooler output makes [CLS] attend to and carry the content.
-    method = VLDeformer.embed if opts["itc_pooling"] == "model" else (lambda m, *a, **kw: m.encode(*a, **kw)[1])
-    t = model.apply({"params": params}, *[text[x] for x in TEXT_KEYS], deterministic=False,
-                    method=method, rngs={"dropout": r_t})
-    v = model.apply({"params": params}, *[image[x] for x in IMAGE_KEYS], deterministic=False,
-                    method=method, rngs={"dropout": r_v})
-    tau = float(opts["itc_temperature"])
-    itc, itc_metrics = contrastive_loss(t, v, temperature_t2i=tau, temperature_i2t=tau)
-    metrics.update(itc_loss=itc, itc_t2i_accuracy=itc_metrics["t2i_accuracy"],
-                   itc_i2t_accuracy=itc_metrics["i2t_accuracy"])
-    embeddings = (t, v)
+    _, itc_metrics, embeddings = _itc_term(model, params, batch, r_drop_itc, opts)
+    metrics.update(itc_metrics)
   pairs, labels = build_match_pairs(model, params, batch, r_neg, opts, embeddings)
   n = batch["text_input_ids"].shape[0]
-  vocab = model.config.vocab_size
+
+  # MLM targets, set here only. The shared pass masks every packed row alike (so [MASK] tokens do not tell
+  # positives from negatives) and scores the positives, whose caption and tags describe the regions beside
+  # them; the separate pass masks the positives and runs them once more.
   shared_mlm = mlm_weight > 0 and opts["mlm_pass"] == "shared"
-  if shared_mlm:
-    # Every row is masked alike, so [MASK] tokens do not tell positives from negatives; MLM is scored on
-    # the positives, whose caption and tags describe the regions beside them.
-    masked, positions, mlm_labels, weights = mask_tokens(r_mask, pairs, opts, vocab)
-    pairs = dict(pairs, input_ids=masked)
+  if mlm_weight > 0:
+    mlm_rows = pairs if shared_mlm else {k: v[:n] for k, v in pairs.items()}
+    masked, positions, mlm_labels, weights = mask_tokens(r_mask, mlm_rows, opts, model.config.vocab_size)
     positions, mlm_labels, weights = positions[:n], mlm_labels[:n], weights[:n]
+    if shared_mlm:
+      pairs = dict(pairs, input_ids=masked)
 
-  def joint_fn(m: VLDeformer):
-    h, pooled = m.encode(*[pairs[x] for x in IMAGE_KEYS], deterministic=False)
-    logits = m.match_head(pooled, deterministic=False)
-    if not shared_mlm:
-      return logits, None
-    return logits, m.mlm_logits(jnp.take_along_axis(h[:n], positions[..., None], axis=1))
-
-  logits, mlm_logits = model.apply({"params": params}, method=joint_fn, rngs={"dropout": r_drop_itm})
-  if opts["balanced"]:
-    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    n_pos = jnp.sum(labels)
-    w = jnp.where(labels == 1, 0.5 / jnp.maximum(n_pos, 1), 0.5 / jnp.maximum(labels.shape[0] - n_pos, 1))
-    itm_loss = jnp.sum(w * ce)
-    itm_metrics = {"match_accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))}
-  else:
-    itm_loss, itm_metrics = match_loss(logits, labels)
-  if float(opts["rank_weight"]) > 0:
-    metrics["rank_loss"] = ranking_loss(logits, n, int(opts["num_negatives"]))
-  is_pos = labels == 1
-  prob = jax.nn.softmax(logits, axis=-1)[:, 1]
-  metrics.update({
-      "itm_loss": itm_loss,
-      "itm_accuracy": itm_metrics["match_accuracy"],
-      "match_prob_pos": jnp.sum(jnp.where(is_pos, prob, 0.0)) / jnp.maximum(jnp.sum(is_pos), 1),
-      "match_prob_neg": jnp.sum(jnp.where(is_pos, 0.0, prob)) / jnp.maximum(jnp.sum(~is_pos), 1),
-  })
-  loss = itm_loss
+  logits, mlm_logits = _joint_forward(model, params, pairs, r_drop_itm, positions if shared_mlm else None, n)
+  loss, itm_metrics = _itm_term(logits, labels, opts["balanced"])
+  metrics.update(itm_metrics)
   if itc_weight > 0:
     loss = loss + itc_weight * metrics["itc_loss"]
-  if "rank_loss" in metrics:
-    loss = loss + float(opts["rank_weight"]) * metrics["rank_loss"]
-  if mlm_weight > 0 and not shared_mlm:
-    pos = {k: v[:n] for k, v in pairs.items()}
-    masked, positions, mlm_labels, weights = mask_tokens(r_mask, pos, opts, vocab)
-
-    def mlm_logits_fn(m: VLDeformer):
-      h, _ = m.encode(masked, pos["token_type_ids"], pos["attention_mask"], pos["img_feats"],
-                      deterministic=False)
-      gathered = jnp.take_along_axis(h, positions[..., None], axis=1)
-      return m.mlm_logits(gathered)
-
-    mlm_logits = model.apply({"params": params}, method=mlm_logits_fn, rngs={"dropout": r_drop_mlm})
+  if rank_weight > 0:
+    metrics["rank_loss"] = ranking_loss(logits, n, int(opts["num_negatives"]))
+    loss = loss + rank_weight * metrics["rank_loss"]
   if mlm_weight > 0:
+    if not shared_mlm:
+      mlm_logits = _mlm_forward(model, params, mlm_rows, masked, positions, r_drop_mlm)
     mlm, mlm_metrics = mlm_loss(mlm_logits, mlm_labels, weights)
     metrics.update(mlm_metrics)
     loss = loss + mlm_weight * mlm
   metrics["loss"] = loss
   return loss, metrics
+
+
+def make_loss_fn(model: VLDeformer, config) -> Callable:
+  """(trainable, batch, rng) -> (loss, metrics): `early_interaction_loss` on the trainable tree."""
+
+  def loss_fn(trainable, batch, rng):
+    return early_interaction_loss(model, trainable["model"], batch, rng, config)
+
+  return loss_fn

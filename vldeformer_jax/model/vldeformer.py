@@ -5,7 +5,7 @@ Why linen: the parameter tree is a plain nested dict whose paths are the PyTorch
 table, orbax saves it as it is, and sharding rules match on those same paths. HF's v4 Flax BERT used
 the same names, which keeps converted trees familiar.
 
-One set of weights serves every use (spec 1.2 and 11.4):
+One set of weights serves every use (docs/method.md §2):
 - `VLDeformer.embed`: one modality alone (a caption, or tags + regions) -> pooled embedding. This is the
   decomposed encoder: call it once for texts and once for images.
 - `VLDeformer.match_logits`: caption + tags + regions together -> 2-way logits of the VinVL retrieval head;
@@ -21,11 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.model.config import ModelConfig
 
 Array = jax.Array
 
-# The additive key mask of BERT/Oscar (spec 2.2): -10000, not -inf, so fully padded rows stay finite and
+# The additive key mask of BERT/Oscar (docs/method.md §1.1): -10000, not -inf, so fully padded rows stay finite and
 # match the PyTorch reference exactly.
 MASK_VALUE = -10000.0
 
@@ -153,7 +153,7 @@ class BertEncoder(nn.Module):
 
 
 class BertImgModel(nn.Module):
-  """Oscar/VinVL BertImgModel (spec 2.2): tokens first, then regions, one post-LN BERT encoder.
+  """Oscar/VinVL BertImgModel (docs/method.md §1.1): tokens first, then regions, one post-LN BERT encoder.
 
   `attention_mask` covers the tokens then the regions: [B, L_tokens + L_regions]. Regions get no position
   or token-type embedding; they go through Linear -> LayerNorm -> dropout and are appended after the
@@ -251,11 +251,11 @@ class VLDeformer(nn.Module):
     return emb, logits, self.mlm_logits(h[:, :2])
 
   def encode(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
-    """The backbone forward of spec 2.2: (sequence output, pooler output)."""
+    """The backbone forward of docs/method.md §1: (sequence output, pooler output)."""
     return self.bert(input_ids, token_type_ids, attention_mask, img_feats, deterministic=deterministic)
 
   def embed(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
-    """Decomposed single-modality embedding (spec 1.2, 11.2), before L2 normalisation, float32 [B, D].
+    """Decomposed single-modality embedding (docs/method.md §2.1), before L2 normalisation, float32 [B, D].
 
     `mean` (the released model): unmasked mean over every position, padding included; `masked_mean`:
     over the unmasked positions; `cls`: the BERT pooler output. Then dropout (training only), tanh
@@ -280,7 +280,7 @@ class VLDeformer(nn.Module):
     return x.astype(jnp.float32)
 
   def match_logits(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
-    """Early-interaction logits [B, num_labels] from the pooler (VinVL retrieval head, spec 11.4)."""
+    """Early-interaction logits [B, num_labels] from the pooler (VinVL retrieval head, docs/method.md §2.2)."""
     _, pooled_cls = self.bert(input_ids, token_type_ids, attention_mask, img_feats,
                               deterministic=deterministic)
     return self.match_head(pooled_cls, deterministic=deterministic)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from vldeformer_jax import export as export_lib
-from vldeformer_jax import inputs
-from vldeformer_jax.model import VLDeformer
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.io import export as export_lib
+from vldeformer_jax.model import inputs
+from vldeformer_jax.model.vldeformer import VLDeformer
+from vldeformer_jax.model.config import ModelConfig
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -184,7 +184,7 @@ class Encoder:
     return tqdm(range(0, n, bs), desc=desc, disable=not self.progress or n <= bs, unit="batch"), bs
 
   def embed_texts(self, captions: Sequence[str], *, batch_size=None) -> np.ndarray:
-    """Captions (str or bytes) -> L2-normalised float32 [N, D], tokenised per spec 1.3."""
+    """Captions (str or bytes) -> L2-normalised float32 [N, D], tokenised per docs/method.md §3.1."""
     cfg = self.model_config
     it, bs = self._chunks(len(captions), batch_size, "embed_texts")
     outs = [self.embed_text_inputs(inputs.text_inputs(self.tokenizer, captions[s:s + bs], cfg.max_text_len),

@@ -1,7 +1,7 @@
-"""Model inputs: tokenisation and padding of spec 1.3, and the packing of early-interaction pairs.
+"""Model inputs: tokenisation and padding of docs/method.md §3, and the packing of early-interaction pairs.
 
 A caption becomes `[CLS] wordpieces [SEP]` (token_type 0) padded to `max_text_len`; an image becomes
-`[CLS] tag-wordpieces [SEP]` (token_type 1 on the real tokens, 0 on pads) padded to `max_tag_len` (spec 1.3:
+`[CLS] tag-wordpieces [SEP]` (token_type 1 on the real tokens, 0 on pads) padded to `max_tag_len` (docs/method.md §3.2:
 both 35; `ModelConfig.tag_len`),
 followed by its first `max_regions` region vectors, zero-padded; its attention mask covers the tag tokens
 then the regions. The decomposed model embeds each alone; the early-interaction model reads

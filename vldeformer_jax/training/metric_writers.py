@@ -1,6 +1,6 @@
 """What a person watches during training: JSON lines, TensorBoard events and a PNG of the curves.
 
-Why not `clu.metric_writers`: it does not import without TensorFlow (guide/jax.md). tensorboardX writes the
+Why not `clu.metric_writers`: it does not import without TensorFlow. tensorboardX writes the
 same event files without it. The JSON-lines file (`workdir/metrics.jsonl`, one `{"step": .., "split":
 .., name: value}` object per line) is the source of truth: tests and the PNG read it, and a resumed run
 first drops the lines of steps after its checkpoint so the file has each step once, as if the run had not

@@ -13,7 +13,7 @@ missing, and a killed run resumes from its checkpoints):
   eval      the stage-1 cross-encoder on every pair of the first `cross_max_images` test images, every
             decomposed model on that same subset and on the full test split   -> results/*.json
   timing    measured per-item costs, extrapolated to a COCO-5K gallery        -> results/timing.json
-  report    report.md, report.json, PNG plots                                  (vldeformer_jax.report)
+  report    report.md, report.json, PNG plots                                  (vldeformer_jax.demo.report)
 
 Everything is a library call (train_and_evaluate, evaluate, evaluate_cross_encoder, convert_checkpoint), so
 the same job runs from a notebook: `run_demo("runs/demo")`. Results are written atomically as JSON.
@@ -28,7 +28,19 @@ import os
 import time
 from typing import Any
 
-from vldeformer_jax import fileio
+import jax
+
+from vldeformer_jax import parallel
+from vldeformer_jax.data import demo_world as demo_data
+from vldeformer_jax.data import prepare
+from vldeformer_jax.demo import report as report_lib
+from vldeformer_jax.demo import settings
+from vldeformer_jax.io import convert
+from vldeformer_jax.io import files as fileio
+from vldeformer_jax.retrieval import timing
+from vldeformer_jax.retrieval.encoder import Encoder
+from vldeformer_jax.retrieval.evaluate import evaluate, evaluate_cross_encoder
+from vldeformer_jax.training.loop import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +96,8 @@ def _cached(path: str, fn, what: str):
 
 
 def default_configs():
-  """(stage-1 config, stage-2 config) from the repository's configs/ (run from the repository root)."""
-  from configs import demo as demo_config
-  from configs import demo_stage1
-  return demo_stage1.get_config(), demo_config.get_config("negatives")
+  """(stage-1 config, stage-2 config): the demo's stages (`demo.settings`), stage 2 with hard negatives."""
+  return settings.stage1_config(), settings.stage2_config("negatives")
 
 
 def _export_done(run_dir: str) -> bool:
@@ -96,7 +106,6 @@ def _export_done(run_dir: str) -> bool:
 
 def _train(name: str, config, run_dir: str, times: dict) -> str:
   """Trains `config` in `run_dir` unless its export exists; returns the export path."""
-  from vldeformer_jax.train import train_and_evaluate
   export = os.path.join(run_dir, "export")
   if _export_done(run_dir):
     log.info("%s: export exists in %s: skipped", name, run_dir)
@@ -110,7 +119,6 @@ def _train(name: str, config, run_dir: str, times: dict) -> str:
 
 def _bert_export(workdir: str, plan: DemoPlan, model_cfg) -> str:
   """The plain-BERT starting point: MiniLM (or `plan.bert_dir`) converted with the demo's lengths."""
-  from vldeformer_jax import convert
   path = os.path.join(workdir, "bert_export")
   if os.path.exists(os.path.join(path, "export.json")):
     return path
@@ -164,11 +172,6 @@ def stage_configs(stage1, stage2, workdir: str, plan: DemoPlan) -> dict[str, tup
 
 def _evaluate_all(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> dict:
   """Cross-encoder on the subset; every decomposed model on the subset and on the full test split."""
-  import jax
-  from vldeformer_jax import parallel
-  from vldeformer_jax.data import prepare
-  from vldeformer_jax.encoder import Encoder
-  from vldeformer_jax.retrieval.evaluate import evaluate, evaluate_cross_encoder
 
   res_dir = os.path.join(workdir, "results")
   os.makedirs(res_dir, exist_ok=True)
@@ -209,11 +212,6 @@ def time_retrieval(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> d
   """Retrieval time of both models against gallery size (retrieval/timing.compare): the decomposed model
   encodes the whole test split (timed), the cross-encoder scores `plan.timing_pairs` sampled pairs (timed),
   both extrapolated to n images x 5n captions, the search measured at each size."""
-  import jax
-  from vldeformer_jax import parallel
-  from vldeformer_jax.data import prepare
-  from vldeformer_jax.encoder import Encoder
-  from vldeformer_jax.retrieval import timing
 
   c = stage1_config
   source = prepare.load_split(os.path.join(workdir, "data"), c.data.name, c.data.eval_split)
@@ -228,8 +226,6 @@ def time_retrieval(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> d
 
 def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPlan | None = None) -> dict:
   """Runs (or finishes) the whole demo in `workdir`; returns the report dict (also report.json)."""
-  from vldeformer_jax import report as report_lib
-  from vldeformer_jax.data import demo as demo_data
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -267,7 +263,6 @@ def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPla
 
 
 def _report(workdir, runs, c1, plan, times, t0) -> dict:
-  from vldeformer_jax import report as report_lib
   results = _evaluate_all(workdir, runs, c1, plan)
   times["evaluation"] = sum(
       r.get("_seconds", 0.0) for r in [results["cross_encoder"]]

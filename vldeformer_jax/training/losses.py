@@ -7,17 +7,17 @@ all-gathers the rows (and inverse norms) of every device (differentiably: `lax.a
 device's embeddings get the gradient of every device's queries; a `stop_gradient` there, as a plain
 PyTorch gather does, gives wrong gradients), scores its local queries against the global pool, and
 `pmean`s. The loss and its gradient then equal the single-device full-batch ones exactly, which is what
-the released code gets from DataParallel's gather onto one GPU (spec 4.4). Called with `axis_name=None`
+the released code gets from DataParallel's gather onto one GPU (docs/method.md §4.4). Called with `axis_name=None`
 on whole arrays, the same function is the plain single-device loss.
 
-The pool (spec 11.6): each text query is scored against all global images plus all global composed
+The pool (docs/method.md §5.3): each text query is scored against all global images plus all global composed
 negative images; each image query against all global captions plus all global composed negative
 captions. Composed negatives are never queries. The positive of global row i is column i.
 
 Objectives (`name`):
-- `infonce` (spec 4.1): CE(t2i logits / temperature_t2i) + CE(i2t logits / temperature_i2t), each the
+- `infonce` (docs/method.md §4.1): CE(t2i logits / temperature_t2i) + CE(i2t logits / temperature_i2t), each the
   mean over the queries, summed (no 0.5 factor).
-- `hardness` (spec 4.3, Robinson et al. 2021): per query, the negatives of its pool row are importance-
+- `hardness` (docs/method.md §4.2, Robinson et al. 2021): per query, the negatives of its pool row are importance-
   weighted by exp(beta * s / T) and debiased by the false-negative prior tau_plus; computed in log space,
   since exp(s / T) overflows float32 at the paper's T = 0.005. beta = tau_plus = 0 is InfoNCE.
 - `hinge` (VSE++): relu(margin - s_pos + max over negatives of s), cosine similarities, no temperature;
@@ -99,7 +99,7 @@ def _infonce_rows(xs, pos, labels, temperature, **_):
 
 
 def _hardness_rows(xs, pos, labels, temperature, *, beta, tau_plus, **_):
-  """-log(pos / (pos + Ng)) of spec 4.3 for each query row, in log space.
+  """-log(pos / (pos + Ng)) of docs/method.md §4.2 for each query row, in log space.
 
   With x = s / T over the M negatives of the row: reweighted = sum(e^{beta x} e^x) / mean(e^{beta x}),
   Ng = max((reweighted - tau_plus * M * e^{x_pos}) / (1 - tau_plus), M * e^{-1/T}). Every term stays a
@@ -232,6 +232,44 @@ def _check(name: str, x: Array | None, ndim: int, rows: int, dim: int) -> None:
                      f"b={rows}, D={dim}")
 
 
+def _check_inputs(name, tau_plus, text_emb, image_emb, neg_text_emb, neg_image_emb) -> tuple[int, int]:
+  """(b, D) of the local rows; a ValueError naming the argument for anything else."""
+  if name not in LOSS_NAMES:
+    raise ValueError(f"contrastive_loss: unknown loss name {name!r}; expected one of {LOSS_NAMES}")
+  if name == "hardness" and not 0.0 <= tau_plus < 1.0:
+    raise ValueError(f"contrastive_loss: tau_plus must be in [0, 1), got {tau_plus}")
+  if text_emb.ndim != 2:
+    raise ValueError(f"contrastive_loss: text_emb has shape {tuple(text_emb.shape)}, expected [b, D]")
+  b, dim = text_emb.shape
+  _check("image_emb", image_emb, 2, b, dim)
+  _check("neg_text_emb", neg_text_emb, 3, b, dim)
+  _check("neg_image_emb", neg_image_emb, 3, b, dim)
+  return b, dim
+
+
+def _similarity_stats(t, v, nt, nv, inv, v_all, v_all_inv, global_rows: int, mean) -> dict[str, Array]:
+  """Mean positive, in-batch negative and own-composed-negative cosines (no gradient).
+
+  They need no [b x pool] matrix: a text's summed similarity to every in-batch image is its dot product
+  with the sum of the (normalised) images.
+  """
+  sg = lax.stop_gradient
+  t_inv, v_inv, nt_inv, nv_inv = inv
+  t_sg, v_sg, t_inv_sg, v_inv_sg = sg(t), sg(v), sg(t_inv), sg(v_inv)
+  pos_sim = mean(jnp.sum(t_sg * v_sg, axis=1) * t_inv_sg * v_inv_sg)
+  image_sum = jnp.sum(sg(v_all) * sg(v_all_inv)[:, None], axis=0)
+  row_sums = jnp.dot(t_sg, image_sum, precision=lax.Precision.HIGHEST) * t_inv_sg
+  stats = {"pos_sim": pos_sim, "neg_sim": (mean(row_sums) - pos_sim) / max(global_rows - 1, 1)}
+  hard = []
+  if nv is not None:
+    hard.append(mean(jnp.einsum("bd,bkd->bk", t_sg, sg(nv)) * t_inv_sg[:, None] * sg(nv_inv)))
+  if nt is not None:
+    hard.append(mean(jnp.einsum("bd,bkd->bk", v_sg, sg(nt)) * v_inv_sg[:, None] * sg(nt_inv)))
+  if hard:
+    stats["hard_neg_sim"] = sum(hard) / len(hard)
+  return stats
+
+
 def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | None = None,
                      neg_image_emb: Array | None = None, *, temperature_t2i: float | Array = 0.005,
                      temperature_i2t: float | Array = 0.005, name: str = "infonce", beta: float = 0.0,
@@ -255,16 +293,7 @@ def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | No
     cosine), `neg_sim` (mean in-batch negative cosine), and with negatives `hard_neg_sim` (mean cosine of
     a query with its own composed negatives).
   """
-  if name not in LOSS_NAMES:
-    raise ValueError(f"contrastive_loss: unknown loss name {name!r}; expected one of {LOSS_NAMES}")
-  if name == "hardness" and not 0.0 <= tau_plus < 1.0:
-    raise ValueError(f"contrastive_loss: tau_plus must be in [0, 1), got {tau_plus}")
-  if text_emb.ndim != 2:
-    raise ValueError(f"contrastive_loss: text_emb has shape {tuple(text_emb.shape)}, expected [b, D]")
-  b, dim = text_emb.shape
-  _check("image_emb", image_emb, 2, b, dim)
-  _check("neg_text_emb", neg_text_emb, 3, b, dim)
-  _check("neg_image_emb", neg_image_emb, 3, b, dim)
+  b, dim = _check_inputs(name, tau_plus, text_emb, image_emb, neg_text_emb, neg_image_emb)
 
   def gather(x):  # differentiable: its transpose sums every device's cotangent back to the owner
     return x if axis_name is None else lax.all_gather(x, axis_name, axis=0, tiled=True)
@@ -282,7 +311,6 @@ def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | No
   nv_inv = None if nv is None else inverse_norm(nv)
   t_all, v_all = gather(t), gather(v)
   v_all_inv = gather(v_inv)
-  global_rows = t_all.shape[0]
   image_pool, text_pool = [(v_all, v_all_inv)], [(t_all, gather(t_inv))]
   if nv is not None:
     image_pool.append((gather(nv).reshape(-1, dim), gather(nv_inv).reshape(-1)))
@@ -297,25 +325,10 @@ def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | No
       options, chunk_size)
   t2i_loss, i2t_loss = mean(t2i_rows), mean(i2t_rows)
   loss = t2i_loss + i2t_loss
-
-  # Similarity statistics need no [b x pool] matrix: a text's summed similarity to every in-batch image
-  # is its dot product with the sum of the (normalised) images.
-  sg = lax.stop_gradient
-  t_sg, v_sg, t_inv_sg, v_inv_sg = sg(t), sg(v), sg(t_inv), sg(v_inv)
-  pos_sim = mean(jnp.sum(t_sg * v_sg, axis=1) * t_inv_sg * v_inv_sg)
-  image_sum = jnp.sum(sg(v_all) * sg(v_all_inv)[:, None], axis=0)
-  row_sums = jnp.dot(t_sg, image_sum, precision=lax.Precision.HIGHEST) * t_inv_sg
-  neg_sim = (mean(row_sums) - pos_sim) / max(global_rows - 1, 1)
   metrics = {"loss": loss, "t2i_loss": t2i_loss, "i2t_loss": i2t_loss,
-             "t2i_accuracy": mean(t2i_correct), "i2t_accuracy": mean(i2t_correct),
-             "pos_sim": pos_sim, "neg_sim": neg_sim}
-  hard = []
-  if nv is not None:
-    hard.append(mean(jnp.einsum("bd,bkd->bk", t_sg, sg(nv)) * t_inv_sg[:, None] * sg(nv_inv)))
-  if nt is not None:
-    hard.append(mean(jnp.einsum("bd,bkd->bk", v_sg, sg(nt)) * v_inv_sg[:, None] * sg(nt_inv)))
-  if hard:
-    metrics["hard_neg_sim"] = sum(hard) / len(hard)
+             "t2i_accuracy": mean(t2i_correct), "i2t_accuracy": mean(i2t_correct)}
+  metrics.update(_similarity_stats(t, v, nt, nv, (t_inv, v_inv, nt_inv, nv_inv), v_all, v_all_inv,
+                                   t_all.shape[0], mean))
   return loss, metrics
 
 
@@ -384,6 +397,22 @@ def match_loss(logits: Array, labels: Array) -> tuple[Array, dict[str, Array]]:
   labels = labels.astype(jnp.int32)
   ce = jax.nn.logsumexp(logits, axis=-1) - _take(logits, labels)
   loss = jnp.mean(ce)
+  accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+  return loss, {"match_loss": loss, "match_accuracy": accuracy}
+
+
+def balanced_match_loss(logits: Array, labels: Array) -> tuple[Array, dict[str, Array]]:
+  """Class-balanced image-text matching: the positives' mean CE and the negatives' mean CE, averaged.
+
+  With one positive per K negatives a plain mean lets the head win by saying "no match" everywhere; here
+  each class weighs one half whatever the counts (an empty class contributes 0).
+  """
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.int32)
+  ce = jax.nn.logsumexp(logits, axis=-1) - _take(logits, labels)
+  n_pos = jnp.sum(labels)
+  w = jnp.where(labels == 1, 0.5 / jnp.maximum(n_pos, 1), 0.5 / jnp.maximum(labels.shape[0] - n_pos, 1))
+  loss = jnp.sum(w * ce)
   accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   return loss, {"match_loss": loss, "match_accuracy": accuracy}
 

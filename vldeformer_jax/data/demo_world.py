@@ -1,12 +1,12 @@
 """The synthetic demo dataset: small, learnable on 2 CPU cores, written in the real VinVL file layout.
 
 There is no COCO and no VinVL detector on this machine, so the project shows the paper's claim on data it
-makes itself. It is written as VinVL files (spec 5.2) and converted by the same `prepare_vinvl` as real
+makes itself. It is written as VinVL files (docs/method.md §3.3) and converted by the same `prepare_vinvl` as real
 data, so the demo exercises the whole path.
 
 Each image holds 2-5 objects: a class (single-wordpiece everyday nouns), a colour, a size and a box on a
 3x3 grid. A region is one noisy 2054-d vector: 2048 values = fixed random prototypes of its class, colour
-and size, plus an image-level "lighting" vector and Gaussian noise, then the normalised box of spec 2.3.
+and size, plus an image-level "lighting" vector and Gaussian noise, then the normalised box of docs/method.md §1.2.
 Detector tags name only the classes (colour and size live only in the regions), in region order, with an
 occasional miss or false alarm. Five captions per image name objects with attributes and spatial relations
 (left of / right of / above / below, computed from the boxes) through several templates. Images come in

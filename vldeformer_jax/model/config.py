@@ -29,18 +29,18 @@ class ModelConfig:
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
   initializer_range: float = 0.02
-  # Regions: Linear(img_feature_dim -> hidden) -> LayerNorm(img_layer_norm_eps) -> dropout (spec 2.2).
+  # Regions: Linear(img_feature_dim -> hidden) -> LayerNorm(img_layer_norm_eps) -> dropout (docs/method.md §1.2).
   img_feature_dim: int = 2054
   use_img_layernorm: bool = True
   img_layer_norm_eps: float = 1e-12
-  # Early-interaction head: softmax(classifier(pooler(h_CLS)))[1] is the match score (spec 11.4).
+  # Early-interaction head: softmax(classifier(pooler(h_CLS)))[1] is the match score (docs/method.md §2.2).
   num_labels: int = 2
-  # Decomposed embedding (spec 1.2 and 11.2): pooling over the output sequence, then dropout, then tanh.
+  # Decomposed embedding (docs/method.md §2.1): pooling over the output sequence, then dropout, then tanh.
   pooling: str = "mean"
   projection_dim: int = 0  # 0: no projection head (the released model); >0: a Linear after tanh.
-  # Input lengths of spec 1.3: caption tokens, tag tokens, regions.
+  # Input lengths (docs/method.md §3.2): caption tokens, tag tokens, regions.
   max_text_len: int = 35
-  max_tag_len: int = 0  # 0: max_text_len, as spec 1.3; shorter where tags are short (the demo: 8)
+  max_tag_len: int = 0  # 0: max_text_len, as in docs/method.md §3.2; shorter where tags are short (the demo: 8)
   max_regions: int = 70
   # Compute dtype; parameters always stay float32.
   dtype: str = "float32"

@@ -31,8 +31,8 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-from vldeformer_jax.model import init_params
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.model.vldeformer import init_params
+from vldeformer_jax.model.config import ModelConfig
 
 _log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def convert_checkpoint(src_dir: str, output: str, *, overwrite: bool = False, al
 
   Nothing is written unless every check passes; the export is written atomically.
   """
-  from vldeformer_jax import export  # here: export is the only consumer-facing dependency of conversion
+  from vldeformer_jax.io import export  # here: export is the only consumer-facing dependency of conversion
 
   src_dir = os.path.abspath(src_dir)
   if not os.path.isdir(src_dir):

@@ -13,8 +13,13 @@ import re
 
 import jax
 
+from vldeformer_jax.io import export as export_lib
+from vldeformer_jax.model.config import ModelConfig
+from vldeformer_jax.retrieval.metrics import PROTOCOLS
+from vldeformer_jax.training import early_interaction
+from vldeformer_jax.training.losses import LOSS_NAMES
+
 OBJECTIVES = ("decompose", "early_interaction")
-LOSS_NAMES = ("infonce", "hardness", "hinge")
 GENERATORS = ("", "demo")
 BEST_METRICS = ("rsum", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10")
 
@@ -78,15 +83,8 @@ def _dataset_errors(config) -> list[str]:
   return []
 
 
-def validate(config, *, workdir: str | None = None, device_count: int | None = None,
-             process_count: int | None = None) -> list[str]:
-  """Every problem of `config` as one line each; empty when the config is valid. Compiles nothing."""
-  from vldeformer_jax.model_config import ModelConfig
-  device_count = jax.device_count() if device_count is None else device_count
-  process_count = jax.process_count() if process_count is None else process_count
-  errors: list[str] = []
-  t, lc, d = config.train, config.loss, config.data
-
+def _objective_errors(config) -> list[str]:
+  lc, errors = config.loss, []
   if config.objective not in OBJECTIVES:
     errors.append(f"config.objective: unknown objective {config.objective!r}; expected one of {OBJECTIVES}")
   if lc.name not in LOSS_NAMES:
@@ -97,14 +95,23 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
     errors.append(f"config.loss.tau_plus: must be in [0, 1), got {lc.tau_plus}")
   if lc.chunk_size < 0:
     errors.append(f"config.loss.chunk_size: must be >= 0, got {lc.chunk_size}")
+  if config.objective == "early_interaction":
+    try:
+      early_interaction.options(config)
+    except ValueError as e:
+      errors.append(str(e))
+  elif len(config.get("early_interaction", {}) or {}):
+    errors.append("config.early_interaction: set, but config.objective is not 'early_interaction'")
+  return errors
 
+
+def _input_errors(config) -> list[str]:
+  d, errors = config.data, []
   if config.init_export:
-    from vldeformer_jax import export as export_lib
     try:
       export_lib.read_metadata(config.init_export)
     except (FileNotFoundError, ValueError) as e:
       errors.append(f"config.init_export: {e}")
-
   errors.extend(_dataset_errors(config))
   if d.max_text_len < 3:
     errors.append(f"config.data.max_text_len: {d.max_text_len} leaves no room for [CLS] text [SEP]")
@@ -118,31 +125,59 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
     errors.append(f"config.data.negatives.replace_ratio: must be in (0, 1], got {d.negatives.replace_ratio}")
   if d.num_captions_per_image < 1:
     errors.append(f"config.data.num_captions_per_image: must be >= 1, got {d.num_captions_per_image}")
+  return errors
 
+
+def _model_errors(config) -> list[str]:
+  d = config.data
   try:
     lengths = {k: int(d[k]) for k in ("max_text_len", "max_tag_len", "max_regions")}  # the model's, too
     mc = ModelConfig.from_dict({**dict(config.model), **lengths}, strict=True, source="config.model")
-    packs_pairs = config.objective == "early_interaction" and not config.init_export
-    if packs_pairs and mc.packed_len > mc.max_position_embeddings:
-      errors.append(f"config.data: an early-interaction pair has max_text_len + max_tag_len - 1 = {mc.packed_len} "
-                    f"token positions, more than config.model.max_position_embeddings {mc.max_position_embeddings}")
   except (ValueError, TypeError) as e:
-    errors.append(_model_error(str(e)))
+    return [_model_error(str(e))]
+  packs_pairs = config.objective == "early_interaction" and not config.init_export
+  if packs_pairs and mc.packed_len > mc.max_position_embeddings:
+    return [f"config.data: an early-interaction pair has max_text_len + max_tag_len - 1 = {mc.packed_len} "
+            f"token positions, more than config.model.max_position_embeddings {mc.max_position_embeddings}"]
+  return []
 
-  mesh_errors, batch_shards = _mesh_errors(config, device_count)
-  errors.extend(mesh_errors)
+
+def _contrastive_pool_is_split(config) -> str | None:
+  """Why gradient accumulation would change this config's objective, or None when it would not."""
+  if config.objective == "decompose":
+    return "the decomposition's InfoNCE pool would be each micro-batch, not the global batch"
+  if config.objective == "early_interaction" and float(early_interaction.options(config)["itc_weight"]) > 0:
+    return "the ITC term's in-batch pool would be each micro-batch, not the global batch"
+  return None
+
+
+def _batch_errors(config, device_count: int, process_count: int) -> list[str]:
+  t = config.train
+  errors, batch_shards = _mesh_errors(config, device_count)
   g, accum = int(t.global_batch_size), int(t.grad_accum_steps)
   if g < 1:
-    errors.append(f"config.train.global_batch_size: must be positive, got {g}")
-  elif accum < 1:
-    errors.append(f"config.train.grad_accum_steps: must be >= 1, got {accum}")
-  else:
-    if g % process_count:
-      errors.append(f"config.train.global_batch_size: {g} is not divisible by the {process_count} processes")
-    if batch_shards and g % (batch_shards * accum):
-      what = f"{batch_shards} batch shards (mesh data x fsdp)" + (f" x {accum} micro-batches" if accum > 1 else "")
-      errors.append(f"config.train.global_batch_size: {g} is not divisible by the {what} = {batch_shards * accum}"
-                    f" ({device_count} devices)")
+    return errors + [f"config.train.global_batch_size: must be positive, got {g}"]
+  if accum < 1:
+    return errors + [f"config.train.grad_accum_steps: must be >= 1, got {accum}"]
+  if accum > 1 and config.objective in OBJECTIVES:
+    try:
+      why = _contrastive_pool_is_split(config)
+    except ValueError:
+      why = None  # the early_interaction options are reported by _objective_errors
+    if why:
+      errors.append(f"config.train.grad_accum_steps: {accum} would change the objective: {why}; use 1 and "
+                    "a global batch that fits")
+  if g % process_count:
+    errors.append(f"config.train.global_batch_size: {g} is not divisible by the {process_count} processes")
+  if batch_shards and g % (batch_shards * accum):
+    what = f"{batch_shards} batch shards (mesh data x fsdp)" + (f" x {accum} micro-batches" if accum > 1 else "")
+    errors.append(f"config.train.global_batch_size: {g} is not divisible by the {what} = {batch_shards * accum}"
+                  f" ({device_count} devices)")
+  return errors
+
+
+def _schedule_errors(config) -> list[str]:
+  t, errors = config.train, []
   if not t.learning_rate > 0:
     errors.append(f"config.train.learning_rate: must be positive, got {t.learning_rate}")
   for field in ("warmup_steps", "num_steps", "weight_decay", "max_grad_norm"):
@@ -155,25 +190,27 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
       errors.append(f"config.train.{field}: must be >= 1, got {t[field]}")
   if t.eval_every < -1:
     errors.append(f"config.train.eval_every: must be -1 (never), 0 (at the end) or a step interval, got {t.eval_every}")
-  if config.eval.best_metric not in BEST_METRICS:
-    errors.append(f"config.eval.best_metric: unknown metric {config.eval.best_metric!r}; expected one of {BEST_METRICS}")
-  try:
-    from vldeformer_jax.retrieval.evaluate import PROTOCOLS
-  except ImportError:
-    PROTOCOLS = None
-  if PROTOCOLS and config.eval.protocol not in PROTOCOLS:
-    errors.append(f"config.eval.protocol: unknown protocol {config.eval.protocol!r}; expected one of {PROTOCOLS}")
-  if config.eval.batch_size < 1:
-    errors.append(f"config.eval.batch_size: must be >= 1, got {config.eval.batch_size}")
+  return errors
 
-  if config.objective == "early_interaction":
-    from vldeformer_jax import early_interaction
-    try:
-      early_interaction.options(config)
-    except ValueError as e:
-      errors.append(str(e))
-  elif len(config.get("early_interaction", {}) or {}):
-    errors.append("config.early_interaction: set, but config.objective is not 'early_interaction'")
+
+def _eval_errors(config) -> list[str]:
+  e, errors = config.eval, []
+  if e.best_metric not in BEST_METRICS:
+    errors.append(f"config.eval.best_metric: unknown metric {e.best_metric!r}; expected one of {BEST_METRICS}")
+  if e.protocol not in PROTOCOLS:
+    errors.append(f"config.eval.protocol: unknown protocol {e.protocol!r}; expected one of {PROTOCOLS}")
+  if e.batch_size < 1:
+    errors.append(f"config.eval.batch_size: must be >= 1, got {e.batch_size}")
+  return errors
+
+
+def validate(config, *, workdir: str | None = None, device_count: int | None = None,
+             process_count: int | None = None) -> list[str]:
+  """Every problem of `config` as one line each; empty when the config is valid. Compiles nothing."""
+  device_count = jax.device_count() if device_count is None else device_count
+  process_count = jax.process_count() if process_count is None else process_count
+  errors = (_objective_errors(config) + _input_errors(config) + _model_errors(config)
+            + _batch_errors(config, device_count, process_count) + _schedule_errors(config) + _eval_errors(config))
   if workdir is not None and os.path.isfile(workdir):
     errors.append(f"workdir: {workdir} is a file, not a directory")
   return errors

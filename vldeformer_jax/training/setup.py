@@ -1,13 +1,12 @@
-"""The setup around the training loop: data, the init order, the input iterator, evaluation, the export.
+"""The setup around the training loop: data, the init order, the input iterator, the export.
 
-Kept apart from `train.py` so the loop reads top to bottom and each decision here is one small function:
+Kept apart from `loop.py` so the loop reads top to bottom and each decision here is one small function:
 - `open_data`: the prepared tfds splits (optionally generating the demo dataset first);
-- `initial_model` / `initial_state`: the init order of guide/jax.md: resume from the workdir's latest
+- `initial_model` / `initial_state`: the init order of docs/method.md §6.2: resume from the workdir's latest
   checkpoint, else `config.init_export` (read_export + merge_params, with the config's dropout / pooling /
   projection / dtype overrides), else random init; parameters are born sharded (`jax.eval_shape` ->
   `parallel.param_shardings` -> `jax.jit(init, out_shardings=...)`), and a summary of what was loaded
   and what was initialised fresh is logged;
-- `Evaluator`: retrieval on the held-out split with `vldeformer_jax.retrieval`;
 - `write_final_export`: the trained parameters in the one export format.
 """
 from __future__ import annotations
@@ -22,11 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vldeformer_jax import checkpoint as ckpt_lib
-from vldeformer_jax import fileio
-from vldeformer_jax import inputs
-from vldeformer_jax.model import init_params
-from vldeformer_jax.model_config import ModelConfig
+from vldeformer_jax.data import demo_world
+from vldeformer_jax.data import negatives
+from vldeformer_jax.data import pipeline
+from vldeformer_jax.data import prepare
+from vldeformer_jax.io import checkpoint as ckpt_lib
+from vldeformer_jax.io import convert
+from vldeformer_jax.io import export as export_lib
+from vldeformer_jax.io import files as fileio
+from vldeformer_jax.model import inputs
+from vldeformer_jax.model.config import ModelConfig
+from vldeformer_jax.model.vldeformer import init_params
+from vldeformer_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +62,19 @@ def data_dir_of(config, workdir: str) -> str:
 
 def generate_demo(config, data_dir: str) -> None:
   """Writes and prepares the demo dataset into `data_dir` unless it is already there."""
-  from vldeformer_jax.data import demo
   kwargs = {}
   if config.data.generate_num_train:
     kwargs["num_train"] = int(config.data.generate_num_train)
   if config.data.generate_num_test:
     kwargs["num_test"] = int(config.data.generate_num_test)
   if jax.process_index() == 0:
-    demo.prepare_demo(data_dir, seed=config.data.generate_seed, name=config.data.name, **kwargs)
+    demo_world.prepare_demo(data_dir, seed=config.data.generate_seed, name=config.data.name, **kwargs)
   if jax.process_count() > 1:
     from orbax.checkpoint import multihost
     multihost.sync_global_processes("vldeformer_demo_data")
 
 
 def open_data(config, workdir: str) -> Data:
-  from vldeformer_jax.data import prepare
   data_dir = data_dir_of(config, workdir)
   if config.data.generate:
     generate_demo(config, data_dir)
@@ -97,10 +101,8 @@ def total_steps(config, num_train_images: int) -> int:
 
 
 def make_iterator(config, data: Data, vocab_file: str, workdir: str):
-  from vldeformer_jax.data import pipeline
   tag_vocabulary = None
   if config.data.negatives.num_per_pair:
-    from vldeformer_jax.data import negatives
     cache = os.path.join(data.data_dir, f"{config.data.name}_{config.data.train_split}_tag_vocabulary.json")
     tag_vocabulary = negatives.build_tag_vocabulary(data.train, cache_path=cache,
                                                     progress=jax.process_index() == 0)
@@ -129,7 +131,6 @@ def model_config_from(config) -> tuple[ModelConfig, str | None, str]:
   """(model config, export path or None, vocab file) the config asks for, before any resume."""
   lengths = {k: int(config.data[k]) for k in ("max_text_len", "max_tag_len", "max_regions")}
   if config.init_export:
-    from vldeformer_jax import export as export_lib
     path = os.path.abspath(config.init_export)
     export_lib.read_metadata(path)
     mc = ModelConfig.from_json(os.path.join(path, export_lib.CONFIG_FILE), strict=True)
@@ -159,39 +160,14 @@ def initial_model(config, workdir: str) -> Init:
   return Init(wanted, saved_vocab if jax.process_index() == 0 else vocab, export_path, desc)
 
 
-def _put_sharded(tree, shardings):
-  """Host numpy tree -> global arrays with `shardings` (every process holds the same full values)."""
-  def put(x, s):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-  return jax.tree.map(put, tree, shardings)
-
-
-def _fresh_state_fn(model_config: ModelConfig, log_t0: float, tx):
-  from vldeformer_jax.train import create_state
-
-  def fresh(rng):
-    return create_state(init_params(model_config, rng), jnp.float32(log_t0), tx)
-  return fresh
-
-
-def abstract_state(model_config: ModelConfig, tx, mesh, log_temperature: float = 0.0):
-  """The train state's ShapeDtypeStructs carrying their shardings on `mesh`: the target to restore a
-  checkpoint onto any mesh (e.g. one written on 8 devices, restored on 1)."""
-  from vldeformer_jax.train import state_shardings
-  abstract = jax.eval_shape(_fresh_state_fn(model_config, log_temperature, tx), jax.random.key(0))
-  return ckpt_lib.abstract_like(abstract, state_shardings(abstract, mesh, tx))
-
-
 def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
   """(state, data iterator state or None, start step), following the init order."""
-  from vldeformer_jax.train import create_state, state_shardings
   mc = init.model_config
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   log_t0 = float(math.log(config.loss.temperature))
-  fresh = _fresh_state_fn(mc, log_t0, tx)
+  fresh = state_lib.fresh_state_fn(mc, log_t0, tx)
   abstract = jax.eval_shape(fresh, init_rng)
-  shardings = state_shardings(abstract, mesh, tx)
+  shardings = state_lib.state_shardings(abstract, mesh, tx)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
 
   latest = ckpts.latest_step()
@@ -202,8 +178,6 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
     return state, data_state, latest
 
   if init.export_path:
-    from vldeformer_jax import convert
-    from vldeformer_jax import export as export_lib
     ex = export_lib.read_export(init.export_path)
     initialised = jax.device_get(jax.jit(init_params, static_argnums=0)(mc, init_rng))
     params = convert.merge_params(ex.params, initialised, allow_missing=tuple(config.init_allow_missing),
@@ -213,8 +187,8 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
     log.info("init: %d parameter tensors loaded from export %s (fingerprint %s); %d initialised fresh%s",
              len(loaded), init.export_path, ex.fingerprint[:16], len(fresh_keys),
              f": {', '.join(fresh_keys)}" if fresh_keys else "")
-    params = _put_sharded(params, shardings.params)
-    state = jax.jit(lambda p: create_state(p, jnp.float32(log_t0), tx), out_shardings=shardings)(params)
+    params = state_lib.put_sharded(params, shardings.params)
+    state = jax.jit(lambda p: state_lib.create_state(p, jnp.float32(log_t0), tx), out_shardings=shardings)(params)
     return state, None, 0
 
   state = jax.jit(fresh, out_shardings=shardings)(init_rng)
@@ -226,68 +200,11 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
 # Evaluation and the export.
 
 
-class Evaluator:
-  """Retrieval R@1/5/10 on the held-out split with the current parameters (eval mode).
-
-  The gallery is read and tokenised once, and one Encoder (its jitted forwards) is kept for the whole run,
-  so an evaluation costs the encoder passes only, not a recompile.
-  """
-
-  def __init__(self, config, data: Data, model_config: ModelConfig, vocab_file: str, mesh):
-    self.config, self.data, self.model_config, self.vocab_file, self.mesh = (
-        config, data, model_config, vocab_file, mesh)
-    self._encoder = self._gallery = None
-    self._warned = False
-
-  def run(self, params, step: int) -> dict | None:
-    if self.data.eval is None:
-      return None
-    try:
-      from vldeformer_jax.encoder import Encoder
-      from vldeformer_jax.retrieval import evaluate as evaluate_lib
-    except ImportError as e:
-      if not self._warned:
-        log.warning("retrieval evaluation skipped: %s", e)
-        self._warned = True
-      return None
-    if self._encoder is None:
-      self._encoder = Encoder(self.model_config, params, inputs.load_tokenizer(self.vocab_file), mesh=self.mesh,
-                              batch_size=self.config.eval.batch_size, fingerprint=f"train step {step}")
-      self._gallery = evaluate_lib.load_gallery(self.data.eval, self.config.eval.max_images or None, None)
-    else:
-      # Same model, new weights: reuse the compiled forwards (a new Encoder would recompile them).
-      self._encoder.set_params(params, fingerprint=f"train step {step}")
-    results = evaluate_lib.evaluate(self._encoder, self._gallery, protocol=self.config.eval.protocol,
-                                    batch_size=self.config.eval.batch_size, mesh=self.mesh,
-                                    progress=jax.process_index() == 0)
-    log.info("eval at step %d: %s", step, self.flat(results))
-    return results
-
-  @staticmethod
-  def flat(results: dict) -> dict[str, float]:
-    out = {}
-    for direction in ("i2t", "t2i"):
-      for k, v in (results.get(direction) or {}).items():
-        if isinstance(v, (int, float)):
-          out[f"{direction}_{k}"] = float(v)
-    if isinstance(results.get("rsum"), (int, float)):
-      out["rsum"] = float(results["rsum"])
-    return out
-
-  def score(self, results: dict) -> float:
-    name = self.config.eval.best_metric
-    flat = self.flat(results)
-    if name not in flat:
-      raise KeyError(f"config.eval.best_metric {name!r} is not in the evaluation results {sorted(flat)}")
-    return flat[name]
-
-
 def write_final_export(workdir: str, params, model_config: ModelConfig, init: Init, step: int, config) -> str:
-  from vldeformer_jax import export as export_lib
   path = os.path.join(workdir, "export")
   export_lib.write_export(
       path, params, model_config, init.vocab_file,
-      metadata={"source": f"vldeformer_jax.train in {workdir}", "step": step, "objective": config.objective,
+      metadata={"source": f"vldeformer_jax.training.loop in {workdir}", "step": step, "objective": config.objective,
                 "init": init.description, "dataset": config.data.name},
       overwrite=True)
   return path

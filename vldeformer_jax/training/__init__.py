@@ -1,0 +1,15 @@
+"""Training: `loop.train_and_evaluate(config, workdir)` and the pieces it is made of.
+
+  defaults.py          the base config (every field) and the paper's setting
+  config_checks.py     every config problem as one line, before anything compiles
+  setup.py             data, the init order, the input iterator, the final export
+  state.py             TrainState, its shardings and its abstract (restore-anywhere) form
+  optim.py             AdamW, warm-up + cosine, decay masks
+  losses.py            gathered contrastive losses, match and MLM cross-entropies
+  decompose.py         stage 2: the decomposition objective
+  early_interaction.py stage 1: the early-interaction objective (ITM, MLM, ranking, ITC)
+  step.py              the jitted train step for either objective
+  evaluator.py         retrieval evaluation during training
+  metric_writers.py    JSON lines, TensorBoard, curves
+  loop.py              the loop
+"""
