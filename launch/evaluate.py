@@ -16,6 +16,11 @@ from absl import flags
 from vldeformer_jax.retrieval.metrics import PROTOCOLS
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory (launch/convert_checkpoint.py or training).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: evaluate its --checkpoint instead of --export.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "With --workdir: best | latest | a step number; "
+                                  "exported once to <workdir>/exports/<which>-<step>.")
+_ALLOW_UNTRAINED = flags.DEFINE_bool("allow_untrained_head", False, "Score pairs (re-ranking, cross-encoder, "
+                                     "timing) even with a match head the export says was never trained.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir of the prepared dataset.")
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name (as given to launch/prepare_data.py).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
@@ -32,19 +37,27 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the
 _TIMING = flags.DEFINE_integer("timing_pairs", 0, "Also time decomposed vs early-interaction retrieval, the "
                                "latter on this many sampled pairs, extrapolated (retrieval/timing.py).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
-flags.mark_flags_as_required(["export", "data_dir", "dataset"])
+flags.mark_flags_as_required(["data_dir", "dataset"])
+flags.register_multi_flags_validator(["export", "workdir"], lambda f: (f["export"] is None) != (f["workdir"] is None),
+                                     "give exactly one of --export and --workdir")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vldeformer_jax.io.export import UntrainedHeadError
   from vldeformer_jax.retrieval import evaluate
+  from vldeformer_jax.training import checkpoint_export
   try:
-    evaluate.run_evaluation(_EXPORT.value, _DATA_DIR.value, _DATASET.value, _SPLIT.value,
+    export = _EXPORT.value or checkpoint_export.export_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
+    evaluate.run_evaluation(export, _DATA_DIR.value, _DATASET.value, _SPLIT.value,
                             protocol=_PROTOCOL.value, rerank_top_k=_RERANK.value, cross_encoder=_CROSS.value,
                             output=_OUTPUT.value, batch_size=_BATCH.value, max_images=_MAX_IMAGES.value,
                             cross_max_images=_CROSS_MAX.value, dtype=_DTYPE.value,
-                            timing_pairs=_TIMING.value)
+                            timing_pairs=_TIMING.value, allow_untrained_head=_ALLOW_UNTRAINED.value)
+  except UntrainedHeadError as e:  # a refusal, not a failure: the user chose a flag this export cannot serve
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -268,3 +268,34 @@ def test_key_file_image_without_captions_is_named(tmp_path):
   with pytest.raises(vinvl.VinvlFormatError, match=f"test_img_keys_1k.tsv line 5: image {train[0]} has no captions"):
     prepare.prepare_vinvl(cap_dir, feat_dir, "bad", str(tmp_path / "tfds"))
   assert not os.path.exists(tmp_path / "tfds")
+
+
+def test_numpy_scalar_caption_keys_load(tmp_path):
+  """Caption files written from numpy code (np.int64 keys, np.str_ captions) load, as plain int / str."""
+  path = str(tmp_path / "train_captions.pt")
+  torch.save({np.int64(5): ["a red car"], np.int32(7): [np.str_("a dog"), "a cat"]}, path)
+  caps = vinvl.load_captions(path)
+  assert caps == {5: ["a red car"], 7: ["a dog", "a cat"]}
+  assert all(type(k) is int for k in caps) and all(type(c) is str for cs in caps.values() for c in cs)
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (os.system, ("echo pwned",))
+
+
+def test_unsafe_caption_pickle_is_refused_in_one_line(tmp_path):
+  """A pickle that would run code is refused by the safe loader: one line naming the file and the supported
+  formats, exit 1, no torch advice to unpickle unsafely, nothing written."""
+  train, test, images = _make_source(seed=9, feature_dim=6)
+  cap_dir, feat_dir, _ = _write_vinvl(str(tmp_path / "src"), train, test, images)
+  bad = os.path.join(cap_dir, "train_captions.pt")
+  torch.save({int(train[0]): _RunsCode()}, bad)
+  out = str(tmp_path / "tfds")
+  res = _run_cli(f"--captions_dir={cap_dir}", f"--features_dir={feat_dir}", "--name=unsafe", f"--data_dir={out}")
+  assert res.returncode == 1
+  lines = [line for line in res.stderr.splitlines() if line.startswith("prepare_data: error:")]
+  assert lines == [f"prepare_data: error: {bad}: cannot be read safely as a dict of captions (it holds "
+                   f"posix.system, which is not plain data); supported: {' or '.join(vinvl.CAPTION_FORMATS)}"]
+  assert "weights_only" not in res.stderr and "pwned" not in res.stdout
+  assert not os.path.exists(out) or os.listdir(out) == []

@@ -20,6 +20,7 @@ import binascii
 import json
 import logging
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -312,8 +313,12 @@ def _normalise_captions(raw, path: str) -> dict[int, list[str]]:
       raise VinvlFormatError(f"{path}: image {image_id} has no captions")
     if image_id in out:
       raise VinvlFormatError(f"{path}: image {image_id} appears twice")
-    out[image_id] = list(value)
+    out[image_id] = [str(c) for c in value]  # np.str_ -> str
   return out
+
+
+CAPTION_FORMATS = ("a torch-saved dict {image_id: [caption, ...]} (.pt; int / numpy-int keys, str values)",
+                   "a JSON object {\"image_id\": [caption, ...]} (.json, no torch needed)")
 
 
 def captions_path(captions_dir: str, split: str) -> str | None:
@@ -325,18 +330,38 @@ def captions_path(captions_dir: str, split: str) -> str | None:
   return None
 
 
+def _numpy_scalar_globals() -> list:
+  """The pickle globals that numpy scalars (e.g. `np.int64` keys, `np.str_` captions) are saved with:
+  numpy's scalar reconstructor and its dtype classes. Nothing that can run other code."""
+  import numpy as np
+  core = getattr(np, "_core", None) or np.core
+  dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+  return [core.multiarray.scalar, np.dtype, *dtype_classes]
+
+
+def _load_torch_captions(path: str):
+  try:
+    import torch  # only .pt caption files need torch
+  except ImportError:
+    raise VinvlFormatError(f"{path}: reading a .pt caption file needs torch (pip install "
+                           f"'vldeformer_jax[torch]'); or give the captions as {CAPTION_FORMATS[1]}") from None
+  try:
+    # weights_only: a safe unpickler; numpy scalars (keys written from numpy code) are allowed for this one
+    # load, and anything else a pickle may carry (arbitrary classes, code) stays refused.
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle errors come in many types; torch's own text advises unsafe loading
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f"it holds {hint.group(1)}, which is not plain data" if hint else first[:200]
+    raise VinvlFormatError(f"{path}: cannot be read safely as a dict of captions ({what}); supported: "
+                           f"{' or '.join(CAPTION_FORMATS)}") from None
+
+
 def load_captions(path: str) -> dict[int, list[str]]:
   """{image_id: [captions]} in file order, from a torch `.pt` pickle or a `.json` file."""
   if path.endswith(".pt"):
-    try:
-      import torch  # only .pt caption files need torch
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs torch (pip install 'vldeformer_jax[torch]'), or provide "
-                        f"the captions as .json") from e
-    try:
-      raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-      raise VinvlFormatError(f"{path}: cannot be read as a torch-saved dict of captions: {e}") from None
+    raw = _load_torch_captions(path)
   else:
     try:
       with open(path, encoding="utf-8") as f:

@@ -392,5 +392,5 @@ def convert_checkpoint(src_dir: str, output: str, *, overwrite: bool = False, al
     _log.info("%s", line)
   export.write_export(output, params, config, vocab, overwrite=overwrite, metadata={
       "source": src_dir, "weights": files, "layout": report.layout, "dropped": report.dropped,
-      "freshly_initialised": report.fresh, "init_seed": seed})
+      "freshly_initialised": report.fresh, "init_seed": seed, export.UNTRAINED_KEY: sorted(report.fresh)})
   return report

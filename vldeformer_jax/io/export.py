@@ -175,8 +175,33 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
+def _restore_device() -> jax.Device:
+  """Where `read_export` materialises parameters on their way to host numpy: this process's first CPU
+  device when the CPU backend is up (no accelerator memory spent on a host copy), else its first device."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # e.g. JAX_PLATFORMS=tpu: no CPU backend
+    return jax.local_devices()[0]
+
+
+def _restore_target(ckptr: ocp.Checkpointer, params_dir: str):
+  """The abstract tree that restores the stored parameters whatever topology wrote them.
+
+  Shapes and dtypes come from the saved metadata; each leaf carries a sharding onto one device of *this*
+  process. Without a sharding orbax reuses the writer's (e.g. 8 devices, or 2 processes x 4) and refuses
+  it on any other topology ("Topology mismatch detected"), even a one-device process.
+  """
+  sharding = jax.sharding.SingleDeviceSharding(_restore_device())
+  tree = ckptr.metadata(params_dir).item_metadata.tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=sharding), tree)
+
+
 def read_export(path: str | os.PathLike, dtype=None, *, verify: bool = True) -> Export:
   """Reads an export written by `write_export`; parameters come back as host numpy arrays.
+
+  Any writer topology restores here (one device, several, several processes): the parameters are read
+  onto one device of this process (`_restore_target`). With several processes every process must call
+  this (orbax's restore ends with a barrier) and each gets the full parameters.
 
   `dtype` (e.g. "bfloat16"): restore the floating parameters in that dtype instead of float32 (halves host
   memory; the compute dtype is the model config's). `verify` recomputes the fingerprint of the stored
@@ -188,9 +213,7 @@ def read_export(path: str | os.PathLike, dtype=None, *, verify: bool = True) -> 
   params_dir = os.path.join(path, PARAMS_DIR)
   ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   try:
-    tree = ckptr.metadata(params_dir).item_metadata.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree)
-    params = ckptr.restore(params_dir, args=ocp.args.StandardRestore(target))
+    params = ckptr.restore(params_dir, args=ocp.args.StandardRestore(_restore_target(ckptr, params_dir)))
   except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
     raise ValueError(f"export {path}: cannot restore the parameters in {params_dir}: "
                      f"{type(e).__name__}: {e}") from e
@@ -205,3 +228,45 @@ def read_export(path: str | os.PathLike, dtype=None, *, verify: bool = True) -> 
     params = jax.tree.map(lambda a: a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a, params)
   return Export(params=params, model_config=model_config, vocab_file=os.path.join(path, VOCAB_FILE),
                 metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parameters that were never trained.
+#
+# Conversion initialises what a checkpoint lacks (an Oscar+/VinVL pre-training checkpoint or a plain BERT has
+# no `classifier.*`, the early-interaction match head), and a decomposition run never trains that head
+# (stage 2 has no gradient into it). export.json lists such parameters under `untrained`, so nothing
+# re-ranks or scores pairs with a head that is random noise without being told to.
+
+UNTRAINED_KEY = "untrained"
+MATCH_HEAD_PREFIX = "classifier/"
+ALLOW_UNTRAINED_FLAG = "--allow_untrained_head"
+
+
+class UntrainedHeadError(ValueError):
+  """The early-interaction match head of an export was never trained."""
+
+
+def untrained_params(metadata: dict[str, Any]) -> list[str]:
+  """Parameter paths an export's weights were never trained on (conversion exports written before
+  `untrained` existed: their `freshly_initialised` list)."""
+  return list(metadata.get(UNTRAINED_KEY, metadata.get("freshly_initialised", [])))
+
+
+def untrained_after_training(before: list[str], objective: str, mlm_weight: float) -> list[str]:
+  """What stays untrained after training with `objective`: the decomposition trains the encoder (and a
+  projection); the early-interaction objective trains the encoder and the match head (and the MLM head when
+  `mlm_weight` > 0). Neither trains the other's head."""
+  trained = ("bert/", "projection/") if objective == "decompose" else (
+      ("bert/", MATCH_HEAD_PREFIX) + (("cls/",) if mlm_weight > 0 else ()))
+  return sorted(p for p in before if not p.startswith(trained))
+
+
+def match_head_error(path: str, metadata: dict[str, Any], flag: str = ALLOW_UNTRAINED_FLAG) -> str | None:
+  """The one-line refusal for scoring pairs with this export's match head, or None when it was trained."""
+  head = [p for p in untrained_params(metadata) if p.startswith(MATCH_HEAD_PREFIX)]
+  if not head:
+    return None
+  return (f"export {path}: its early-interaction match head ({', '.join(head)}) was never trained "
+          f"(export.json '{UNTRAINED_KEY}'), so its pair scores are noise; train it with objective "
+          f"'early_interaction', or pass {flag} to use it anyway")

@@ -14,6 +14,7 @@ device works; the results are the same as unsharded.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -49,6 +50,7 @@ class Encoder:
     self.tokenizer = tokenizer if tokenizer is not None else inputs.load_tokenizer()
     self.mesh = mesh
     self.progress = progress
+    self.match_head_error: str | None = None  # set by `load` when the export's match head was never trained
     if mesh is not None:
       if data_axis not in mesh.axis_names:
         raise ValueError(f"Encoder: mesh axes {mesh.axis_names} have no data axis {data_axis!r}")
@@ -83,12 +85,24 @@ class Encoder:
     self._match_margin = jax.jit(match_margin)
 
   @classmethod
-  def load(cls, path: str, dtype: str | None = None, **kwargs) -> "Encoder":
+  def load(cls, path: str, dtype: str | None = None, *, allow_untrained_head: bool = False,
+           **kwargs) -> "Encoder":
     """Loads an export directory. `dtype` ("float32" | "bfloat16") overrides the compute dtype of the
-    export's model config; the parameters stay float32."""
+    export's model config; the parameters stay float32. An export whose early-interaction match head was
+    never trained (export.json `untrained`) embeds as usual but refuses to score pairs
+    (`UntrainedHeadError`) unless `allow_untrained_head`."""
     ex = export_lib.read_export(path)
     config = ex.model_config if dtype is None else ex.model_config.replace(dtype=jnp.dtype(dtype).name)
-    return cls(config, ex.params, inputs.load_tokenizer(ex.vocab_file), fingerprint=ex.fingerprint, **kwargs)
+    encoder = cls(config, ex.params, inputs.load_tokenizer(ex.vocab_file), fingerprint=ex.fingerprint, **kwargs)
+    if not allow_untrained_head:
+      encoder.match_head_error = export_lib.match_head_error(
+          os.path.abspath(path), ex.metadata, flag=f"{export_lib.ALLOW_UNTRAINED_FLAG} (Python: "
+          "Encoder.load(..., allow_untrained_head=True))")
+    return encoder
+
+  def _require_match_head(self) -> None:
+    if self.match_head_error:
+      raise export_lib.UntrainedHeadError(self.match_head_error)
 
   def set_params(self, params, fingerprint: str | None = None) -> None:
     """Swaps in new weights of the same model (e.g. during training) and keeps the compiled forwards."""
@@ -214,6 +228,7 @@ class Encoder:
 
     `text` / `image`: `inputs.text_inputs` / `inputs.image_inputs` arrays; packed on device into
     `[CLS] caption [SEP] tags [SEP]` + regions by `inputs.pack_pairs`."""
+    self._require_match_head()
     text = {k: np.asarray(text[k], np.int32) for k in inputs.TEXT_KEYS}
     image = {k: np.asarray(image[k], np.float32 if k == "img_feats" else np.int32) for k in inputs.IMAGE_KEYS}
     return self._batched(self._match, [text, image], batch_size, ())
@@ -224,6 +239,7 @@ class Encoder:
 
     Orders pairs exactly as `match_scores_inputs` (softmax[1] = sigmoid(margin)) but never saturates into
     ties at 1.0 in float32, so rankings use it (`retrieval.evaluate`)."""
+    self._require_match_head()
     text = {k: np.asarray(text[k], np.int32) for k in inputs.TEXT_KEYS}
     image = {k: np.asarray(image[k], np.float32 if k == "img_feats" else np.int32) for k in inputs.IMAGE_KEYS}
     return self._batched(self._match_margin, [text, image], batch_size, ())

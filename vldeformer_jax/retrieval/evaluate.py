@@ -27,7 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from vldeformer_jax import parallel
+from vldeformer_jax.data import prepare
+from vldeformer_jax.io.export import UntrainedHeadError
+from vldeformer_jax.io.files import write_json_atomic
 from vldeformer_jax.model import inputs
+from vldeformer_jax.retrieval.encoder import Encoder
 from vldeformer_jax.retrieval import metrics
 from vldeformer_jax.retrieval import timing as timing_lib
 from vldeformer_jax.retrieval.gallery import Gallery, embed_gallery, load_gallery, with_mesh
@@ -229,22 +234,24 @@ def format_table(results: dict[str, dict]) -> str:
 def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test", *, protocol: str = "full",
                    rerank_top_k: int = 0, cross_encoder: bool = False, output: str | None = None,
                    batch_size: int = 64, max_images: int | None = None, cross_max_images: int | None = None,
-                   use_mesh: bool = True, dtype: str | None = None, timing_pairs: int = 0) -> dict:
+                   use_mesh: bool = True, dtype: str | None = None, timing_pairs: int = 0,
+                   allow_untrained_head: bool = False) -> dict:
   """Evaluates an export on a prepared split; returns (and writes to `output`, atomically) the JSON
   `{"decomposed": ..., ["coco1k_keyfile": ...], ["cross_encoder": ...], "export", "dataset", "split"}`.
 
   With protocol coco1k / all and a `test_1k` split in the dataset, the single 1K key file of the
   reference code is evaluated too (`coco1k_keyfile`), reusing nothing but the weights. `timing_pairs` > 0
-  adds `timing`: retrieval/timing.compare with that many sampled cross-encoder pairs.
+  adds `timing`: retrieval/timing.compare with that many sampled cross-encoder pairs. Re-ranking, the
+  cross-encoder and the timing score pairs with the export's match head: an export whose head was never
+  trained is refused (`UntrainedHeadError`) before anything is read, unless `allow_untrained_head`.
   """
   import tensorflow_datasets as tfds  # noqa: F401  (the data layer needs it; fail early and clearly)
-  from vldeformer_jax import parallel
-  from vldeformer_jax.data import prepare
-  from vldeformer_jax.retrieval.encoder import Encoder
-  from vldeformer_jax.io.files import write_json_atomic
 
   mesh = parallel.make_mesh() if use_mesh and jax.device_count() > 1 else None
-  encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size)
+  encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size,
+                         allow_untrained_head=allow_untrained_head)
+  if (rerank_top_k or cross_encoder or timing_pairs) and encoder.match_head_error:
+    raise UntrainedHeadError(encoder.match_head_error)
   source = prepare.load_split(data_dir, dataset, split)
   results: dict[str, Any] = {"export": export, "export_fingerprint": encoder.fingerprint, "dataset": dataset,
                              "split": split, "protocol": protocol}

@@ -12,7 +12,10 @@ import os
 import re
 
 import jax
+import numpy as np
 
+from vldeformer_jax.data import mixture
+from vldeformer_jax.data import prepare
 from vldeformer_jax.io import export as export_lib
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.retrieval.metrics import PROTOCOLS
@@ -20,7 +23,6 @@ from vldeformer_jax.training import early_interaction
 from vldeformer_jax.training.losses import LOSS_NAMES
 
 OBJECTIVES = ("decompose", "early_interaction")
-GENERATORS = ("", "demo")
 BEST_METRICS = ("rsum", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10")
 
 
@@ -66,21 +68,51 @@ def _model_error(message: str) -> str:
 
 def _dataset_errors(config) -> list[str]:
   d = config.data
-  if d.generate not in GENERATORS:
-    return [f"config.data.generate: unknown generator {d.generate!r}; expected one of {GENERATORS}"]
   if not d.name:
     return ["config.data.name: no dataset name given (the --name of launch/prepare_data.py)"]
+  if d.generate and d.generate != d.name:
+    return [f"config.data.generate: {d.generate!r} writes the demo dataset under that name, but config.data.name "
+            f"is {d.name!r}; demo data is generated only for the dataset the config names: set both to the same "
+            "name, or config.data.generate='' to use a prepared dataset"]
   if d.generate:
     return []  # written on first use
   if not d.data_dir:
     return ["config.data.data_dir: no data directory given (the --data_dir of launch/prepare_data.py)"]
-  root = os.path.join(d.data_dir, d.name)
-  found = os.path.isdir(root) and any(
-      os.path.isfile(os.path.join(root, v, "dataset_info.json")) for v in os.listdir(root))
-  if not found:
-    return [f"config.data: dataset {d.name!r} not found in {os.path.abspath(d.data_dir)} (no {root}/<version>/"
-            f"dataset_info.json); prepare it with launch/prepare_data.py"]
-  return []
+  missing = prepare.missing_dataset(d.data_dir, d.name)
+  if missing:
+    return [f"config.data: {missing}"]
+  splits = prepare.dataset_splits(d.data_dir, d.name) or {}
+  wanted = [("train_split", d.train_split)]
+  if config.train.eval_every >= 0 and d.eval_split:
+    wanted.append(("eval_split", d.eval_split))
+  return [f"config.data.{field}: dataset {d.name!r} has no split {split!r} (it has: {', '.join(sorted(splits))})"
+          for field, split in wanted if split not in splits]
+
+
+def length_errors(text_len: int, tag_len: int, positions: int, objective: str, where: str) -> list[str]:
+  """The input lengths against the model's position embeddings (`where` names whose they are)."""
+  errors = []
+  if text_len > positions:
+    errors.append(f"config.data.max_text_len: {text_len} caption tokens, more than the {positions} position "
+                  f"embeddings of {where}")
+  if tag_len > positions:
+    errors.append(f"config.data.max_tag_len: {tag_len} tag tokens, more than the {positions} position embeddings "
+                  f"of {where}")
+  if objective == "early_interaction" and text_len + tag_len - 1 > positions:
+    errors.append(f"config.data: an early-interaction pair has max_text_len + max_tag_len - 1 = "
+                  f"{text_len + tag_len - 1} token positions, more than the {positions} position embeddings of {where}")
+  return errors
+
+
+def _export_length_errors(config) -> list[str]:
+  """With `init_export`: the config's input lengths against the export's position embeddings."""
+  try:
+    mc = ModelConfig.from_json(os.path.join(config.init_export, export_lib.CONFIG_FILE), strict=True)
+  except (OSError, ValueError, TypeError):
+    return []  # reported by the init_export check
+  text = int(config.data.max_text_len)
+  return length_errors(text, int(config.data.max_tag_len) or text, mc.max_position_embeddings, config.objective,
+                       f"init_export {config.init_export}")
 
 
 def _objective_errors(config) -> list[str]:
@@ -112,6 +144,8 @@ def _input_errors(config) -> list[str]:
       export_lib.read_metadata(config.init_export)
     except (FileNotFoundError, ValueError) as e:
       errors.append(f"config.init_export: {e}")
+    else:
+      errors.extend(_export_length_errors(config))
   errors.extend(_dataset_errors(config))
   if d.max_text_len < 3:
     errors.append(f"config.data.max_text_len: {d.max_text_len} leaves no room for [CLS] text [SEP]")
@@ -126,6 +160,27 @@ def _input_errors(config) -> list[str]:
   if d.num_captions_per_image < 1:
     errors.append(f"config.data.num_captions_per_image: must be >= 1, got {d.num_captions_per_image}")
   return errors
+
+
+def _mixture_errors(config) -> list[str]:
+  """`config.data.mixture`: parseable, and every dataset in it prepared under data_dir."""
+  d = config.data
+  if not d.get("mixture"):
+    return []
+  try:
+    parts = mixture.parse_mixture(d.mixture)
+  except ValueError as e:
+    return [str(e)]
+  if not d.data_dir:
+    return []  # reported for the dataset itself
+  return [f"config.data.mixture: dataset {name!r} not found in {os.path.abspath(d.data_dir)}; prepare it with "
+          "launch/prepare_data.py" for name, _ in parts if not _prepared(d.data_dir, name)]
+
+
+def _prepared(data_dir: str, name: str) -> bool:
+  root = os.path.join(data_dir, name)
+  return os.path.isdir(root) and any(os.path.isfile(os.path.join(root, v, "dataset_info.json"))
+                                     for v in os.listdir(root))
 
 
 def _model_errors(config) -> list[str]:
@@ -209,7 +264,7 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
   """Every problem of `config` as one line each; empty when the config is valid. Compiles nothing."""
   device_count = jax.device_count() if device_count is None else device_count
   process_count = jax.process_count() if process_count is None else process_count
-  errors = (_objective_errors(config) + _input_errors(config) + _model_errors(config)
+  errors = (_objective_errors(config) + _input_errors(config) + _mixture_errors(config) + _model_errors(config)
             + _batch_errors(config, device_count, process_count) + _schedule_errors(config) + _eval_errors(config))
   if workdir is not None and os.path.isfile(workdir):
     errors.append(f"workdir: {workdir} is a file, not a directory")
@@ -223,8 +278,72 @@ def check(config, **kwargs) -> None:
     raise ConfigError(errors)
 
 
+# Images per fold of the coco1k protocol (retrieval/metrics.py: fold_slices' default).
+COCO1K_FOLD = 1000
+RECORD_FIELDS = ("image_id", "features", "tags", "captions")
+SAMPLED_RECORDS = 8  # records read per split (evenly spaced) to check their fields; a record is cheap
+
+
+def _sample(source) -> list[int]:
+  n = len(source)
+  return sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, SAMPLED_RECORDS))}) if n else []
+
+
+def _record_errors(source, field: str, what: str, feature_dim: int | None) -> list[str]:
+  """The fields, captions and region features of sampled records of one split."""
+  for i in _sample(source):
+    record = source[i]
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+      return [f"{field}: record {i} of {what} lacks {', '.join(missing)} (has: {', '.join(sorted(record))}); "
+              "prepare the dataset with launch/prepare_data.py"]
+    if len(record["captions"]) == 0:
+      return [f"{field}: record {i} (image_id {int(record['image_id'])}) of {what} has no captions"]
+    shape = np.asarray(record["features"]).shape
+    if len(shape) != 2 or (feature_dim is not None and shape[1] != feature_dim):
+      return [f"{field}: record {i} (image_id {int(record['image_id'])}) of {what} has region features of shape "
+              f"{shape}, expected [n, {feature_dim}]"]
+  return []
+
+
+def _caption_count_errors(config, data) -> list[str]:
+  """From the dataset's metadata (prepare.py writes it): a split with fewer captions than images."""
+  d = config.data
+  try:
+    meta = prepare.read_metadata(data.data_dir, d.name) or {}
+  except (OSError, ValueError):
+    return []
+  errors, checked = [], [("config.data.eval_split", d.eval_split)]
+  if not d.get("mixture"):  # a mixture trains on other datasets' splits
+    checked.insert(0, ("config.data.train_split", d.train_split))
+  for field, split in checked:
+    info = (meta.get("splits") or {}).get(split) or {}
+    if info and info.get("num_captions", 1) < info.get("num_images", 0):
+      errors.append(f"{field}: split {split!r} of dataset {d.name!r} has {info['num_captions']} captions for "
+                    f"{info['num_images']} images: some images have none")
+  return errors
+
+
+def _eval_errors_against_data(config, data) -> list[str]:
+  if data.eval is None:
+    return []
+  d, e = config.data, config.eval
+  n = len(data.eval)
+  evaluated = min(n, int(e.max_images)) if e.max_images else n
+  what = f"split {d.eval_split!r} of dataset {d.name!r}"
+  if evaluated == 0:
+    return [f"config.data.eval_split: {what} is empty"]
+  errors = []
+  if e.protocol == "coco1k" and evaluated < COCO1K_FOLD:
+    held = f"{n} images" + (f", {evaluated} with config.eval.max_images" if evaluated < n else "")
+    errors.append(f"config.eval.protocol: 'coco1k' averages folds of {COCO1K_FOLD} images, but {what} has {held}; "
+                  "use 'full' (or 'all': coco1k is added when there are enough images)")
+  return errors + _record_errors(data.eval, "config.data.eval_split", what, data.feature_dim)
+
+
 def check_against_data(config, model_config, data) -> None:
-  """The checks that need the opened dataset and the final model config (still before compiling)."""
+  """The checks that need the opened dataset and the final model config (still before compiling): what
+  would otherwise fail at the first evaluation or the first batch, after minutes of compiling and training."""
   errors = []
   if data.feature_dim != model_config.img_feature_dim:
     errors.append(f"config.model.img_feature_dim: the model takes {model_config.img_feature_dim}-d regions, but "
@@ -233,5 +352,11 @@ def check_against_data(config, model_config, data) -> None:
   if len(data.train) < g:
     errors.append(f"config.train.global_batch_size: {g} exceeds the {len(data.train)} images of split "
                   f"{config.data.train_split!r}")
+  errors += length_errors(model_config.max_text_len, model_config.tag_len, model_config.max_position_embeddings,
+                          config.objective, "the model")
+  errors += _record_errors(data.train, "config.data.train_split",
+                           f"split {config.data.train_split!r} of dataset {config.data.name!r}", data.feature_dim)
+  errors += _caption_count_errors(config, data)
+  errors += _eval_errors_against_data(config, data)
   if errors:
     raise ConfigError(errors)

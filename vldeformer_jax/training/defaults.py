@@ -28,10 +28,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""         # tensorflow-datasets data_dir (launch/prepare_data.py --data_dir)
   c.data.name = ""             # dataset name under data_dir (launch/prepare_data.py --name)
-  c.data.generate = ""         # '' | 'demo': write the demo dataset into data_dir first if it is missing
-  c.data.generate_num_train = 0  # with generate='demo': training images (0 = the generator's default)
-  c.data.generate_num_test = 0   # with generate='demo': test images (0 = the generator's default)
-  c.data.generate_seed = 0      # with generate='demo': the dataset's seed (not the training seed, so runs share it)
+  c.data.generate = ""         # '' | a dataset name, equal to `name`: write the synthetic demo dataset under that
+                               # name into data_dir first if it is missing (never for a name the config does not give)
+  c.data.generate_num_train = 0  # with generate: training images (0 = the generator's default)
+  c.data.generate_num_test = 0   # with generate: test images (0 = the generator's default)
+  c.data.generate_seed = 0      # with generate: the dataset's seed (not the training seed, so runs share it)
+  c.data.mixture = ""          # 'name_a:0.7,name_b:0.3': train on these datasets mixed by weight (data/mixture.py);
+                               # evaluation stays on `name`. '' = train on `name` alone
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.max_text_len = 35     # caption tokens and tag tokens, each (spec 1.3); also the model's

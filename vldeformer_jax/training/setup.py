@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vldeformer_jax.data import demo_world
+from vldeformer_jax.data import mixture
 from vldeformer_jax.data import negatives
 from vldeformer_jax.data import pipeline
 from vldeformer_jax.data import prepare
@@ -42,6 +43,7 @@ EXPORT_OVERRIDES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "pool
                     "dtype")
 MODEL_CONFIG_FILE = "model_config.json"
 VOCAB_FILE = "vocab.txt"
+TRAIN_CONFIG_FILE = "config.json"  # the training config of the latest start (what `checkpoint_export` reads)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -74,19 +76,35 @@ def generate_demo(config, data_dir: str) -> None:
     multihost.sync_global_processes("vldeformer_demo_data")
 
 
+def open_train_source(config, data_dir: str):
+  """The training split of `config.data.name`, or of every dataset of `config.data.mixture` mixed by weight
+  (their region features must have one size; evaluation stays on `config.data.name`)."""
+  if not config.data.mixture:
+    return prepare.load_split(data_dir, config.data.name, config.data.train_split)
+  parts = mixture.parse_mixture(config.data.mixture)
+  sources = [prepare.load_split(data_dir, name, config.data.train_split) for name, _ in parts]
+  dims = {name: int(np.asarray(src[0]["features"]).shape[-1]) for (name, _), src in zip(parts, sources) if len(src)}
+  if len(set(dims.values())) > 1:
+    raise ValueError(f"config.data.mixture: the datasets' region features differ in size: {dims}")
+  mixed = mixture.MixtureSource(sources, [w for _, w in parts], seed=config.seed, names=[n for n, _ in parts])
+  log.info("data: mixture of %s", mixed.describe())
+  return mixed
+
+
 def open_data(config, workdir: str) -> Data:
   data_dir = data_dir_of(config, workdir)
   if config.data.generate:
     generate_demo(config, data_dir)
-  train = prepare.load_split(data_dir, config.data.name, config.data.train_split)
+  train = open_train_source(config, data_dir)
   eval_source = None
   if config.train.eval_every >= 0 and config.data.eval_split:
     eval_source = prepare.load_split(data_dir, config.data.name, config.data.eval_split)
   if len(train) == 0:
     raise ValueError(f"dataset {config.data.name!r} in {data_dir}: split {config.data.train_split!r} is empty")
   feature_dim = int(np.asarray(train[0]["features"]).shape[-1])
-  log.info("data: %s/%s: %d training images, %s eval images, %d-d regions", data_dir, config.data.name,
-           len(train), len(eval_source) if eval_source is not None else "no", feature_dim)
+  log.info("data: %s/%s: %d training images, %s eval images, %d-d regions", data_dir,
+           config.data.mixture or config.data.name, len(train),
+           len(eval_source) if eval_source is not None else "no", feature_dim)
   return Data(train=train, eval=eval_source, feature_dim=feature_dim, data_dir=data_dir)
 
 
@@ -103,7 +121,8 @@ def total_steps(config, num_train_images: int) -> int:
 def make_iterator(config, data: Data, vocab_file: str, workdir: str):
   tag_vocabulary = None
   if config.data.negatives.num_per_pair:
-    cache = os.path.join(data.data_dir, f"{config.data.name}_{config.data.train_split}_tag_vocabulary.json")
+    names = [n for n, _ in mixture.parse_mixture(config.data.mixture)] if config.data.mixture else [config.data.name]
+    cache = os.path.join(data.data_dir, f"{'+'.join(names)}_{config.data.train_split}_tag_vocabulary.json")
     tag_vocabulary = negatives.build_tag_vocabulary(data.train, cache_path=cache,
                                                     progress=jax.process_index() == 0)
   return pipeline.make_train_iterator(
@@ -142,10 +161,13 @@ def model_config_from(config) -> tuple[ModelConfig, str | None, str]:
   return mc, None, inputs.BUNDLED_VOCAB
 
 
-def initial_model(config, workdir: str) -> Init:
-  """The model config and vocabulary of this run; a resumed run reuses the ones saved in `workdir`."""
+def initial_model(config, workdir: str, *, write: bool = True) -> Init:
+  """The model config and vocabulary of this run; a resumed run reuses the ones saved in `workdir`.
+  `write=False`: decide without writing anything (to check the config against the data first)."""
   saved_config = os.path.join(workdir, MODEL_CONFIG_FILE)
   saved_vocab = os.path.join(workdir, VOCAB_FILE)
+  if write and jax.process_index() == 0:
+    fileio.write_text_atomic(os.path.join(workdir, TRAIN_CONFIG_FILE), config.to_json_best_effort(indent=2))
   wanted, export_path, vocab = model_config_from(config)
   if os.path.exists(saved_config) and os.path.exists(saved_vocab):
     saved = ModelConfig.from_json(saved_config, strict=True)
@@ -153,11 +175,12 @@ def initial_model(config, workdir: str) -> Init:
       diff = {k: (v, getattr(wanted, k)) for k, v in saved.to_dict().items() if getattr(wanted, k) != v}
       log.warning("%s differs from the config (saved, config): %s; the saved one is used", saved_config, diff)
     return Init(saved, saved_vocab, export_path, f"model config from {saved_config}")
-  if jax.process_index() == 0:
+  write = write and jax.process_index() == 0
+  if write:
     fileio.write_json_atomic(saved_config, wanted.to_dict())
     fileio.copy_file_atomic(vocab, saved_vocab)
   desc = f"export {export_path}" if export_path else f"random init (seed {config.seed})"
-  return Init(wanted, saved_vocab if jax.process_index() == 0 else vocab, export_path, desc)
+  return Init(wanted, saved_vocab if write else vocab, export_path, desc)
 
 
 def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
@@ -170,9 +193,11 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
   shardings = state_lib.state_shardings(abstract, mesh, tx)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
 
-  latest = ckpts.latest_step()
-  if latest is not None:
-    state, data_state, _ = ckpts.restore(latest, ckpt_lib.abstract_like(abstract, shardings))
+  # The newest checkpoint that restores; damaged newer ones are moved aside (io/checkpoint.py).
+  restored = (ckpts.restore_latest(ckpt_lib.abstract_like(abstract, shardings))
+              if ckpts.latest_step() is not None else None)
+  if restored is not None:
+    latest, state, data_state, _ = restored
     log.info("init: resumed step %d from %s (%d parameters, optimiser state and data position restored)",
              latest, ckpts.directory, n_params)
     return state, data_state, latest
@@ -200,11 +225,22 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
 # Evaluation and the export.
 
 
+def untrained_at_init(init: Init) -> list[str]:
+  """Parameter paths no training had reached before this run: the init export's `untrained` list, or every
+  parameter of a random init."""
+  if init.export_path:
+    return export_lib.untrained_params(export_lib.read_metadata(init.export_path))
+  shapes = jax.eval_shape(lambda rng: init_params(init.model_config, rng), jax.random.key(0))
+  return sorted(convert.flatten(shapes))
+
+
 def write_final_export(workdir: str, params, model_config: ModelConfig, init: Init, step: int, config) -> str:
   path = os.path.join(workdir, "export")
   export_lib.write_export(
       path, params, model_config, init.vocab_file,
       metadata={"source": f"vldeformer_jax.training.loop in {workdir}", "step": step, "objective": config.objective,
-                "init": init.description, "dataset": config.data.name},
+                "init": init.description, "dataset": config.data.name,
+                export_lib.UNTRAINED_KEY: export_lib.untrained_after_training(
+                    untrained_at_init(init), config.objective, float(config.loss.mlm_weight))},
       overwrite=True)
   return path
