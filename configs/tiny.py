@@ -1,5 +1,6 @@
 """A training run of a few seconds, for tests and smoke checks: a 2-layer, 32-wide encoder on a tiny demo
-dataset that the run generates into `<workdir>/data` on first use.
+dataset, `tiny_demo`, that the run generates into `<workdir>/data` (or `data.data_dir`) on first use.
+Another `--config.data.name` needs `--config.data.generate=''` (a prepared dataset) or the same name there.
 
   python launch/train.py --config=configs/tiny.py --workdir=/tmp/tiny
 
@@ -17,8 +18,8 @@ def get_config(arg=None):
   c.model.num_attention_heads = 4
   c.model.intermediate_size = 64
   c.model.max_position_embeddings = 64
-  c.data.generate = "demo"
   c.data.name = "tiny_demo"
+  c.data.generate = "tiny_demo"  # the demo generator writes this dataset (and only this name) on first use
   c.data.generate_num_train = 64
   c.data.generate_num_test = 16
   c.data.max_text_len = 16

@@ -11,6 +11,7 @@ import sys
 from absl import app
 from absl import flags
 
+from vldeformer_jax import cli
 from vldeformer_jax.io import convert
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Source checkpoint directory.", required=True)
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,7 @@ import sys
 from absl import app
 from absl import flags
 
+from vldeformer_jax import cli
 from vldeformer_jax.retrieval.metrics import PROTOCOLS
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory (launch/convert_checkpoint.py or training).")
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

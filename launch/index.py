@@ -8,12 +8,15 @@
 
 `build` embeds the gallery once (vldeformer_jax.retrieval.index.build_index); `query` embeds only the query
 and searches the stored embeddings (`run_query`). An index built by another export, or a corrupt or stale
-one, is refused with a message saying what to do.
+one, is refused with a message saying what to do; so is an empty text. A text mostly outside the vocabulary
+([UNK]) or longer than the caption length is answered with a `warning:` line saying what was lost.
 """
 import sys
 
 from absl import app
 from absl import flags
+
+from vldeformer_jax import cli
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory.")
 _INDEX = flags.DEFINE_string("index", None, "Index directory.")
@@ -35,22 +38,18 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in ("build", "query"):
     raise app.UsageError("usage: launch/index.py build|query --index=... --export=... (see the docstring)")
   from vldeformer_jax.retrieval import index
-  try:
-    if argv[1] == "build":
-      meta = index.run_build(_EXPORT.value, _DATA_DIR.value, _DATASET.value, _SPLIT.value, _INDEX.value,
-                             side=_SIDE.value, compact=_COMPACT.value, batch_size=_BATCH.value,
-                             overwrite=_OVERWRITE.value)
-      print(f"wrote index {_INDEX.value}: {meta['num']} {meta['side']} x {meta['dim']}"
-            f" (compact: {meta['compact']})")
-    else:
-      for row in index.run_query(_INDEX.value, _EXPORT.value, text=_TEXT.value, image_id=_IMAGE_ID.value,
-                                 k=_K.value, data_dir=_DATA_DIR.value, dataset=_DATASET.value,
-                                 split=_SPLIT.value, exact=_EXACT.value):
-        print(f"{row['rank']:3d}  {row['score']:.4f}  image {row['image_id']}  {row['text']}")
-  except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if argv[1] == "build":
+    meta = index.run_build(_EXPORT.value, _DATA_DIR.value, _DATASET.value, _SPLIT.value, _INDEX.value,
+                           side=_SIDE.value, compact=_COMPACT.value, batch_size=_BATCH.value,
+                           overwrite=_OVERWRITE.value)
+    print(f"wrote index {_INDEX.value}: {meta['num']} {meta['side']} x {meta['dim']} (compact: {meta['compact']})")
+    return
+  # Bad input (a foreign or corrupt index, an empty query, ...) is one `error:` line, exit 1 (vldeformer_jax.cli).
+  for row in index.run_query(_INDEX.value, _EXPORT.value, text=_TEXT.value, image_id=_IMAGE_ID.value, k=_K.value,
+                             data_dir=_DATA_DIR.value, dataset=_DATASET.value, split=_SPLIT.value,
+                             exact=_EXACT.value, warn=lambda m: print(f"warning: {m}", file=sys.stderr)):
+    print(f"{row['rank']:3d}  {row['score']:.4f}  image {row['image_id']}  {row['text']}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

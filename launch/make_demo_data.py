@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vldeformer_jax import cli
 from vldeformer_jax.data import demo_world as demo
 
 FLAGS = flags.FLAGS
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vldeformer_jax import cli
 from vldeformer_jax.data import prepare
 from vldeformer_jax.data import vinvl
 
@@ -37,7 +38,7 @@ def main(argv):
     path = prepare.prepare_vinvl(FLAGS.captions_dir, FLAGS.features_dir, FLAGS.name, FLAGS.data_dir,
                                  splits=FLAGS.splits, feature_dim=FLAGS.feature_dim,
                                  overwrite=FLAGS.overwrite, shard_bytes=FLAGS.shard_mb << 20)
-  except (vinvl.VinvlFormatError, FileNotFoundError, FileExistsError) as e:
+  except (vinvl.VinvlFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
     # Bad input, not a bug: the message names the file, line and image id; no dataset was written.
     print(f"prepare_data: error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,16 +4,16 @@
 
 Multi-host: start one process per host with the same flags plus --coordinator_address, --num_processes and
 --process_id (or let SLURM / a TPU pod set them; see parallel.initialize_distributed). Re-running the
-same command resumes from the workdir's latest checkpoint. An invalid config prints one line per problem
-and exits with status 2 before anything is compiled.
+same command resumes from the workdir's latest checkpoint that restores; a second run on a workdir in use
+stops at once. An invalid config (an unknown field included) prints one line per problem and exits with
+status 2 before anything is compiled; other bad input one line and status 1 (`--verbose`: the traceback).
 """
-import os
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from vldeformer_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -31,19 +31,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import logging as py_logging
   py_logging.getLogger("vldeformer_jax").setLevel(py_logging.INFO)
-  from vldeformer_jax.training import config_checks as config_validation
   from vldeformer_jax import parallel
   from vldeformer_jax.training import loop as train
 
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except config_validation.ConfigError as e:
-    for line in e.errors:
-      print(f"config error: {line}", file=sys.stderr)
-    sys.exit(2)
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", {k: v for k, v in summary.items() if k != "eval"})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

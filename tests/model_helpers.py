@@ -18,3 +18,39 @@ def tiny_params(cfg, seed):
       return np.zeros(x.shape, np.float32)
     return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
   return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Rule F32 sizes of the model (tests/tolerances.py): chain lengths and logit magnitudes.
+
+
+def embed_depth(cfg) -> int:
+  """n of `VLDeformer.embed` and the L2 normalisation for a ModelConfig, over the longer branch (text, or
+  tags + regions)."""
+  from tolerances import transformer_depth
+  seq = max(cfg.max_text_len, cfg.tag_len + cfg.max_regions)
+  return transformer_depth(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers,
+                           heads=cfg.num_attention_heads, seq_len=seq, pooling_len=seq)
+
+
+def match_depth(cfg) -> int:
+  """n of the early-interaction logits: the forward over a packed pair, the pooler (dense, tanh), the
+  classifier (dense)."""
+  from tolerances import ELEMENTARY, transformer_depth
+  seq = cfg.max_text_len + cfg.tag_len + cfg.max_regions
+  return (transformer_depth(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers,
+                            heads=cfg.num_attention_heads, seq_len=seq)
+          + (cfg.hidden_size + 2 + ELEMENTARY) + (cfg.hidden_size + 1))
+
+
+def logit_bounds(params) -> tuple[float, float]:
+  """Upper bounds on |match logit| and |MLM logit| from the parameters: the pooler output is a tanh
+  (|.| <= 1); a LayerNorm output component is at most sqrt(H) |scale| + |bias|."""
+  cls = params["classifier"]
+  itm = float(np.max(np.abs(np.asarray(cls["kernel"])).sum(0) + np.abs(np.asarray(cls["bias"]))))
+  head = params["cls"]["predictions"]
+  ln = head["transform"]["LayerNorm"]
+  emb = np.abs(np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"]))
+  h_max = np.sqrt(emb.shape[1]) * np.abs(np.asarray(ln["scale"])) + np.abs(np.asarray(ln["bias"]))
+  mlm = float(np.max(emb @ h_max + np.abs(np.asarray(head["bias"]))))
+  return itm, mlm

@@ -17,7 +17,7 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "vldeformer_jax"
 # Lowest first. `vldeformer_jax` itself (the package __init__) sits above all of them.
-LAYERS = ("parallel", "model", "io", "data", "retrieval", "training", "demo")
+LAYERS = ("parallel", "model", "io", "data", "retrieval", "training", "demo", "cli")
 
 
 def module_names() -> dict[str, str]:

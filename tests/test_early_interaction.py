@@ -1,5 +1,5 @@
 """Stage-1 objective: pair construction against pack_pairs, the BERT masking rule, hard negatives, sharded
-equality and that a few optimiser steps lower both losses on a toy batch."""
+equality and that a few optimiser steps lower both losses on a toy batch. Tolerances: tests/tolerances.py."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,8 +11,29 @@ from vldeformer_jax.training import early_interaction as ei
 from vldeformer_jax.model.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
 from vldeformer_jax.model.vldeformer import VLDeformer, init_params
 from vldeformer_jax.model.config import ModelConfig
+from model_helpers import logit_bounds
+from tolerances import ELEMENTARY, assert_f32, max_abs, transformer_depth
 
 LT, R, F, V = 8, 4, 6, 200
+H = 32
+# Rule F32 chain lengths of tiny_config(): one forward over a packed pair (2 LT tokens + R regions) or over
+# one modality (LT tag tokens + R regions at most), the heads on top of it, and the losses.
+N_PAIR = transformer_depth(hidden=H, intermediate=64, layers=2, heads=4, seq_len=2 * LT + R)
+N_SINGLE = transformer_depth(hidden=H, intermediate=64, layers=2, heads=4, seq_len=LT + R, pooling_len=LT + R)
+N_ITM = (H + 2 + ELEMENTARY) + (H + 1)  # pooler dense + tanh, classifier dense
+N_MLM = (H + 2) + (1 + ELEMENTARY + 2) + (2 * H + ELEMENTARY + 4) + (H + 1)  # dense, GELU, LayerNorm, tied decoder
+
+
+def ce_n(classes, rows):
+  """Rule F32 chain of a mean cross-entropy: logsumexp over `classes` (exp, log), minus the label's logit,
+  a (weighted) mean over `rows`."""
+  return classes + 2 * ELEMENTARY + 3 + 2 * rows
+
+
+def ce_scale(max_logit, classes):
+  """Magnitude of the terms of a cross-entropy: logsumexp <= max|z| + log C and the label's logit <= max|z|
+  (and a logit error e moves a row's cross-entropy by at most 2 e)."""
+  return 2 * max_logit + np.log(classes)
 
 
 def tiny_config(**kw):
@@ -171,14 +192,18 @@ def test_ranking_loss_is_a_softmax_over_each_positives_candidates(model_and_para
   for block in (margin[n:n + n * k].reshape(n, k), margin[n + n * k:].reshape(n, k)):  # other images, captions
     cand = np.concatenate([pos[:, None], block], axis=1)
     ref += 0.5 * np.mean(np.log(np.exp(cand).sum(1)) - pos)
-  np.testing.assert_allclose(float(ei.ranking_loss(jnp.asarray(logits), n, k)), ref, rtol=1e-6)
+  # Rule F32 against float64: the margin, a (1 + k)-way cross-entropy over n rows, two directions.
+  assert_f32(ei.ranking_loss(jnp.asarray(logits), n, k), ref, n=1 + ce_n(1 + k, n) + 2,
+             scale=ce_scale(max_abs(margin), 1 + k))
   # In the objective: added with its weight to the other terms.
   model, params = model_and_params
   batch = make_batch(5, seed=4)
   cfg = train_config(rank_weight=0.5)
   loss, m = jax.jit(lambda b, r: ei.early_interaction_loss(model, params, b, r, cfg))(batch, jax.random.PRNGKey(2))
   extra = float(m["mlm_loss"]) if "mlm_loss" in m else 0.0
-  np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + 0.5 * float(m["rank_loss"]) + extra, rtol=1e-5)
+  # Rule F32: the float32 sum of these float32 terms (a product and two additions) against the float64 sum.
+  assert_f32(loss, float(m["itm_loss"]) + 0.5 * float(m["rank_loss"]) + extra, n=3,
+             scale=abs(float(m["itm_loss"])) + 0.5 * abs(float(m["rank_loss"])) + abs(extra))
 
 
 def test_mask_tokens_follows_bert_rule():
@@ -245,18 +270,22 @@ def test_mlm_loss_matches_full_sequence_reference(model_and_params, mlm_pass):
     return model.apply({"params": params}, h, method=VLDeformer.mlm_logits), positions, mlm_labels, w, itm
 
   logits, positions, labels, w, itm = reference_pieces(batch)
+  # The reference runs the same float32 forward as another program, then its loss in float64: rule
+  # F32-PAIR over the forward and the head, plus the cross-entropy's own float32 chain.
   if itm is not None:  # class-balanced cross entropy of the match head on the masked pairs
     z, y = np.asarray(itm[0], np.float64), np.asarray(itm[1])
     ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
-    np.testing.assert_allclose(float(m["itm_loss"]), 0.5 * ce[y == 1].mean() + 0.5 * ce[y == 0].mean(), rtol=1e-5)
+    assert_f32(m["itm_loss"], 0.5 * ce[y == 1].mean() + 0.5 * ce[y == 0].mean(), n=N_PAIR + N_ITM + ce_n(2, len(y)),
+               scale=ce_scale(max_abs(z), 2), pair=True)
   logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   gathered = np.take_along_axis(logp, np.asarray(positions)[..., None], 1)  # [B, P, V]
   nll = -np.take_along_axis(gathered, np.asarray(labels)[..., None], 2)[..., 0]
   ref = (nll * np.asarray(w)).sum() / np.asarray(w).sum()
-  np.testing.assert_allclose(float(m["mlm_loss"]), ref, rtol=1e-5)
-  np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + ref, rtol=1e-5)
+  n_mlm, mlm_scale = N_PAIR + N_MLM + ce_n(V, w.size), ce_scale(max_abs(logits), V)
+  assert_f32(m["mlm_loss"], ref, n=n_mlm, scale=mlm_scale, pair=True)
+  assert_f32(loss, float(m["itm_loss"]) + ref, n=n_mlm + 1, scale=mlm_scale + abs(float(m["itm_loss"])), pair=True)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "model"])
@@ -280,9 +309,14 @@ def test_itc_term_matches_numpy_infonce_and_reuses_embeddings_for_hard_negatives
   def ce(z):  # rows are queries, the diagonal is the positive
     return np.mean(np.log(np.exp(z).sum(1)) - np.diag(z))
 
-  np.testing.assert_allclose(float(m["itc_loss"]), ce(x) + ce(x.T), rtol=1e-4)
-  np.testing.assert_allclose(float(loss), float(m["itm_loss"]) + 0.5 * float(m["itc_loss"]) + float(m["mlm_loss"]),
-                             rtol=1e-5)
+  # Rule F32-PAIR: the embeddings come from another program (then float64 here); per branch the forward,
+  # the pooling (pooler or mean, tanh) and normalisation, the cosine (H) over tau, then a 6-way
+  # cross-entropy per direction with logits up to 1 / tau.
+  n_itc = N_SINGLE + N_ITM + H + 1 + 2 * ce_n(len(x), len(x))
+  assert_f32(m["itc_loss"], ce(x) + ce(x.T), n=n_itc, scale=2 * ce_scale(1 / tau, len(x)), pair=True)
+  # Rule F32: the float32 sum of the float32 terms against their float64 sum.
+  assert_f32(loss, float(m["itm_loss"]) + 0.5 * float(m["itc_loss"]) + float(m["mlm_loss"]), n=4,
+             scale=abs(float(m["itm_loss"])) + 0.5 * abs(float(m["itc_loss"])) + abs(float(m["mlm_loss"])))
   if pooling == "cls":
     return
   # the reused ITC embeddings pick the same hard negatives as hard_by_embedding's own passes
@@ -304,7 +338,13 @@ def test_sharded_batch_gives_the_same_loss(model_and_params):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   sharded = {k: jax.device_put(v, sharding) for k, v in batch.items()}
   got, _ = fn(params, sharded, jax.random.PRNGKey(0))
-  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+  # Rule F32-PAIR: the same float32 objective (ITM + MLM) on a batch split over 8 devices; logit
+  # magnitudes bounded from the parameters.
+  itm_max, mlm_max = logit_bounds(params)
+  pairs = 8 * (1 + 2 * 1 + 2 * 1)  # positives, a random negative each way, a composed negative each way
+  masked = 8 * ei.DEFAULTS["max_predictions"]  # at most, over the positives
+  assert_f32(got, ref, n=N_PAIR + max(N_ITM + ce_n(2, pairs), N_MLM + ce_n(V, masked)) + 1,
+             scale=ce_scale(itm_max, 2) + ce_scale(mlm_max, V), pair=True)
 
 
 def test_training_lowers_itm_and_mlm_losses(model_and_params):

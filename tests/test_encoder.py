@@ -2,7 +2,7 @@
 
 Known answers: a row's embedding does not depend on the batch it was computed in (padding rows are masked
 and dropped), one compile serves every batch, a device mesh gives the unsharded result, outputs are unit
-norm float32.
+norm float32. Tolerances: tests/tolerances.py.
 """
 import jax
 import numpy as np
@@ -13,6 +13,8 @@ from vldeformer_jax.io import export
 from vldeformer_jax.model import inputs
 from vldeformer_jax.retrieval.encoder import Encoder
 from vldeformer_jax.model.config import ModelConfig
+from model_helpers import embed_depth, logit_bounds, match_depth
+from tolerances import ELEMENTARY, assert_bitwise, assert_f32
 
 CFG = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   img_feature_dim=6, max_text_len=8, max_regions=4)
@@ -38,6 +40,17 @@ def enc(export_dir):
   return Encoder.load(export_dir, batch_size=4)
 
 
+# Rule F32-PAIR for two float32 evaluations of the same rows (another batch position, another program):
+# embeddings are unit vectors (scale 1); a match score sigmoid(margin) moves by at most a quarter of the
+# margin's error, i.e. half of the logits' (scale: their bound from the classifier), plus its own rounding.
+N_EMBED = embed_depth(CFG)
+N_NORM = 2 * CFG.hidden_size + 4  # normalised in float32, then its norm in float32 again
+
+
+def assert_same_scores(got, want, enc):
+  assert_f32(got, want, n=match_depth(CFG) + ELEMENTARY + 3, scale=max(1.0, logit_bounds(enc.params)[0]), pair=True)
+
+
 def regions(n, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.normal(size=(int(k), 6)).astype(np.float32) for k in rng.integers(0, 7, size=n)]
@@ -55,12 +68,12 @@ def test_load(enc, export_dir):
 def test_texts_independent_of_batching_one_compile(enc):
   full = enc.embed_texts(CAPTIONS)  # 7 rows in batches of 4: two batches, the second padded
   assert full.shape == (7, 32) and full.dtype == np.float32
-  np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-6)
+  assert_f32(np.linalg.norm(full, axis=1), 1.0, n=N_NORM, scale=1.0)  # rule F32
   assert enc._embed._cache_size() == 1
-  for i in (0, 1, 6):
-    np.testing.assert_allclose(enc.embed_texts([CAPTIONS[i]]), full[i:i + 1], atol=1e-6, rtol=0)
+  for i in (0, 1, 6):  # rule F32-PAIR: alone in its (padded) batch, the row sits at another position
+    assert_f32(enc.embed_texts([CAPTIONS[i]]), full[i:i + 1], n=N_EMBED, scale=1.0, pair=True)
   x = inputs.text_inputs(enc.tokenizer, CAPTIONS, CFG.max_text_len)
-  np.testing.assert_array_equal(enc.embed_text_inputs(x), full)
+  assert_bitwise(enc.embed_text_inputs(x), full)  # rule EXACT: the same inputs through the same program
   assert np.abs(full[0] - full[1]).max() > 0.1  # different captions, different embeddings
   assert enc.embed_texts([]).shape == (0, 32)
 
@@ -69,12 +82,12 @@ def test_images_independent_of_batching(enc):
   feats = regions(7)
   full = enc.embed_images(feats, TAGS)
   assert full.shape == (7, 32)
-  np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-6)
-  for i in (0, 5):
-    np.testing.assert_allclose(enc.embed_images(feats[i:i + 1], TAGS[i:i + 1]), full[i:i + 1], atol=1e-6, rtol=0)
+  assert_f32(np.linalg.norm(full, axis=1), 1.0, n=N_NORM, scale=1.0)  # rule F32
+  for i in (0, 5):  # rule F32-PAIR: another batch position
+    assert_f32(enc.embed_images(feats[i:i + 1], TAGS[i:i + 1]), full[i:i + 1], n=N_EMBED, scale=1.0, pair=True)
   x = enc.image_inputs(feats, TAGS)
   assert x["attention_mask"].shape == (7, 8 + 4) and x["img_feats"].shape == (7, 4, 6)
-  np.testing.assert_array_equal(enc.embed_image_inputs(x), full)
+  assert_bitwise(enc.embed_image_inputs(x), full)  # rule EXACT
   with pytest.raises(ValueError, match="7 region feature arrays but 6 tag strings"):
     enc.embed_images(feats, TAGS[:6])
 
@@ -83,7 +96,7 @@ def test_match_scores(enc):
   feats = regions(7, seed=1)
   s = enc.match_scores(feats, TAGS, CAPTIONS)
   assert s.shape == (7,) and s.dtype == np.float32 and np.all((s > 0) & (s < 1))
-  np.testing.assert_allclose(enc.match_scores(feats[2:3], TAGS[2:3], CAPTIONS[2:3]), s[2:3], atol=1e-6, rtol=0)
+  assert_same_scores(enc.match_scores(feats[2:3], TAGS[2:3], CAPTIONS[2:3]), s[2:3], enc)  # F32-PAIR: position
   with pytest.raises(ValueError, match="pairs need equal counts"):
     enc.match_scores(feats, TAGS, CAPTIONS[:3])
 
@@ -95,9 +108,9 @@ def test_mesh_sharding_matches_unsharded(enc, export_dir):
   sharded = Encoder.load(export_dir, mesh=mesh, batch_size=5)
   assert sharded.batch_size == 8  # rounded up to a multiple of the data axis
   feats = regions(7, seed=2)
-  np.testing.assert_allclose(sharded.embed_texts(CAPTIONS), enc.embed_texts(CAPTIONS), atol=1e-6, rtol=0)
-  np.testing.assert_allclose(sharded.embed_images(feats, TAGS), enc.embed_images(feats, TAGS), atol=1e-6, rtol=0)
-  np.testing.assert_allclose(sharded.match_scores(feats, TAGS, CAPTIONS), enc.match_scores(feats, TAGS, CAPTIONS),
-                             atol=1e-6, rtol=0)
+  # Rule F32-PAIR: the same rows through another program (8 devices, batches of 8).
+  assert_f32(sharded.embed_texts(CAPTIONS), enc.embed_texts(CAPTIONS), n=N_EMBED, scale=1.0, pair=True)
+  assert_f32(sharded.embed_images(feats, TAGS), enc.embed_images(feats, TAGS), n=N_EMBED, scale=1.0, pair=True)
+  assert_same_scores(sharded.match_scores(feats, TAGS, CAPTIONS), enc.match_scores(feats, TAGS, CAPTIONS), enc)
   with pytest.raises(ValueError, match="no data axis 'data'"):
     Encoder.load(export_dir, mesh=jax.sharding.Mesh(np.array(devices), ("batch",)))

@@ -1,5 +1,9 @@
 """evaluate / evaluate_cross_encoder / re-ranking on a tiny exported model: the same numbers as a brute-force
-computation written here (one forward per item or pair, float64 ranks by loops)."""
+computation written here (one forward per item or pair, float64 ranks by loops).
+
+Tolerances (tests/tolerances.py): embeddings and scores by rule F32-PAIR (the library batches the same
+float32 forward differently); rank metrics by its RANKS rule (`assert_rank_metrics_within`).
+"""
 import json
 import os
 import subprocess
@@ -16,12 +20,23 @@ from vldeformer_jax.retrieval.encoder import Encoder
 from vldeformer_jax.model.vldeformer import VLDeformer
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.retrieval import evaluate
-from model_helpers import tiny_params
+from model_helpers import embed_depth, logit_bounds, match_depth, tiny_params
+from tolerances import approx64, assert_f32, assert_rank_metrics_within, assert_within, gamma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   img_feature_dim=12, max_text_len=12, max_regions=5)
 WORDS = "a the dog cat car red blue green left right of above small big".split()
+D = CFG.hidden_size
+# Rule F32-PAIR bounds: a cosine of unit vectors whose both sides come from another program (Cauchy-Schwarz:
+# sqrt(D) times an entry's bound per side, plus the dot product's rounding); the same embeddings' cosine in
+# float32 against float64 (rule F32); a logit margin (two logits) from another program.
+SIM_PAIR = 2 * np.sqrt(D) * 2 * gamma(embed_depth(CFG)) + gamma(D + 2)
+SIM_OWN = gamma(D + 2)
+
+
+def margin_pair_bound(params):
+  return 2 * gamma(match_depth(CFG) + 1) * 2 * logit_bounds(params)[0]
 
 
 def make_records(n, seed=0):
@@ -57,7 +72,13 @@ def brute(enc, recs):
   img, txt = np.array(img, np.float64), np.array(txt, np.float64)
   img /= np.linalg.norm(img, axis=1, keepdims=True)
   txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-  return img @ txt.T, np.array(txt2img)
+  return img @ txt.T, np.array(txt2img), (img, txt)
+
+
+def own_sim(result):
+  """float64 cosines of the embeddings a library call returned (`return_embeddings=True`)."""
+  img, txt, _ = result.pop("_embeddings")
+  return np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T
 
 
 def loop_metrics(sim, txt2img):
@@ -72,32 +93,43 @@ def loop_metrics(sim, txt2img):
 
 
 def assert_metrics_equal(got, ref):
+  """Rule EXACT for rank metrics from the same ranks (the same float32 scores): the same formula."""
   for d in ("i2t", "t2i"):
     for k, v in ref[d].items():
-      assert got[d][k] == pytest.approx(v, abs=1e-9), (d, k, got[d][k], v)
+      assert got[d][k] == v, (d, k, got[d][k], v)
 
 
 def test_evaluate_equals_brute_force_and_is_the_same_on_8_devices(setup):
   enc, recs = setup
-  sim, txt2img = brute(enc, recs)
+  sim, txt2img, (img64, txt64) = brute(enc, recs)
   got = evaluate.evaluate(enc, recs, progress=False, return_embeddings=True)
-  img, txt, gallery = got.pop("_embeddings")
+  img, txt, gallery = got["_embeddings"]
   np.testing.assert_array_equal(gallery.txt2img, txt2img)
-  np.testing.assert_allclose(img @ txt.T, sim, atol=1e-5)
-  ref = loop_metrics(sim, txt2img)
-  assert_metrics_equal(got, ref)
+  # Rule F32-PAIR: the batched embeddings are the one-at-a-time ones (unit vectors, scale 1).
+  assert_f32(img, img64, n=embed_depth(CFG), scale=1.0, pair=True)
+  assert_f32(txt, txt64, n=embed_depth(CFG), scale=1.0, pair=True)
+  assert_within(img @ txt.T, sim, SIM_PAIR, rule="rule F32-PAIR (cosines)")
+  # The metrics: of the library's own float32 cosines (bound SIM_OWN: exact where decided), and of the
+  # brute-force ones (bound SIM_PAIR).
+  assert_rank_metrics_within(got, own_sim(got), txt2img, SIM_OWN)
+  assert_rank_metrics_within(got, sim, txt2img, SIM_PAIR)
+  # This test's interval helper against the loops on the same scores (bound 0: exact ranks).
+  assert_rank_metrics_within(loop_metrics(sim, txt2img), sim, txt2img, 0.0)
   assert got["num_images"] == 9 and got["num_captions"] == len(txt2img)
-  assert got["rsum"] == pytest.approx(sum(ref[d][f"R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+  # Rule F64: rsum is the sum of the six percentages.
+  assert got["rsum"] == approx64(sum(got[d][f"R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)), n=6, scale=600)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-  sharded = evaluate.evaluate(enc, recs, mesh=mesh, progress=False)
-  assert_metrics_equal(sharded, ref)
-  assert sharded["mAP@R"] == pytest.approx(got["mAP@R"])
+  sharded = evaluate.evaluate(enc, recs, mesh=mesh, progress=False, return_embeddings=True)
+  assert_f32(sharded["_embeddings"][0], img64, n=embed_depth(CFG), scale=1.0, pair=True)
+  assert_rank_metrics_within(sharded, own_sim(sharded), txt2img, SIM_OWN)
+  assert_rank_metrics_within(sharded, sim, txt2img, SIM_PAIR)
   # A key list selects and orders images like the test_1k key file.
   keys = [recs[4]["image_id"], recs[1]["image_id"], recs[7]["image_id"]]
-  sub = evaluate.evaluate(enc, recs, image_ids=keys, progress=False)
+  sub = evaluate.evaluate(enc, recs, image_ids=keys, progress=False, return_embeddings=True)
   cols = [j for i in (4, 1, 7) for j in np.flatnonzero(txt2img == i)]
-  ref_sub = loop_metrics(sim[np.ix_([4, 1, 7], cols)], np.array([{4: 0, 1: 1, 7: 2}[txt2img[j]] for j in cols]))
-  assert_metrics_equal(sub, ref_sub)
+  sub_txt2img = np.array([{4: 0, 1: 1, 7: 2}[txt2img[j]] for j in cols])
+  assert_rank_metrics_within(sub, own_sim(sub), sub_txt2img, SIM_OWN)
+  assert_rank_metrics_within(sub, sim[np.ix_([4, 1, 7], cols)], sub_txt2img, SIM_PAIR)
 
 
 def test_cross_encoder_and_reranking_equal_brute_force(setup):
@@ -116,26 +148,36 @@ def test_cross_encoder_and_reranking_equal_brute_force(setup):
     for j, c in enumerate(caps):
       ref[i, j] = float(score(enc.params, inputs.pack_pairs(inputs.text_inputs(tok, [c], CFG.max_text_len), x))[0])
   got_scores, _, _ = evaluate.cross_encoder_scores(enc, recs, progress=False)
-  np.testing.assert_allclose(got_scores, ref, atol=1e-5)
+  # Rule F32-PAIR: the batched margins are the one-pair-at-a-time ones.
+  margin_bound = margin_pair_bound(enc.params)
+  assert_within(got_scores, ref, margin_bound, rule="rule F32-PAIR (logit margins)")
   cross = evaluate.evaluate_cross_encoder(enc, recs, progress=False)
-  assert_metrics_equal(cross, loop_metrics(ref, txt2img))
+  # Rule EXACT: the ranks of the same float32 scores (evaluate_cross_encoder runs cross_encoder_scores as
+  # above); and against the one-at-a-time scores within their bound.
+  assert_metrics_equal(cross, loop_metrics(got_scores.astype(np.float64), txt2img))
+  assert_rank_metrics_within(cross, ref, txt2img, margin_bound)
   assert cross["model"] == "cross_encoder" and cross["timing"]["pairs"] == ref.size
-  # Re-ranking every item = ranking by the cross-encoder; re-ranking the top-1 changes nothing.
+  # Re-ranking every item = ranking by the cross-encoder (whose pairs it scores in batches of its own);
+  # re-ranking the top-1 changes nothing (rule EXACT: the same embedding scores).
   full = evaluate.evaluate(enc, recs, rerank_top_k=len(caps), progress=False)
-  assert_metrics_equal(full["reranked"], loop_metrics(ref, txt2img))
+  assert_rank_metrics_within(full["reranked"], ref, txt2img, margin_bound)
   assert full["reranked"]["pairs_scored"] == len(recs) * len(caps) + len(caps) * len(recs)
   one = evaluate.evaluate(enc, recs, rerank_top_k=1, progress=False)
   assert_metrics_equal(one["reranked"], {d: one[d] for d in ("i2t", "t2i")})
-  # Re-ranking the top-3: inside the shortlist the cross-encoder order, outside the embedding order.
-  sim, _ = brute(enc, recs)
-  part = evaluate.evaluate(enc, recs, rerank_top_k=3, progress=False)
+  # Re-ranking the top-3: inside the shortlist the cross-encoder order, outside the embedding order. The
+  # shortlists come from the library's own cosines, decided by more than their float32 rounding.
+  part = evaluate.evaluate(enc, recs, rerank_top_k=3, progress=False, return_embeddings=True)
+  sim = own_sim(part)
+  for m in (sim, sim.T):
+    third_fourth = -np.sort(-m, axis=1)[:, 2:4]
+    assert np.all(third_fourth[:, 0] - third_fourth[:, 1] > 2 * SIM_OWN), "a shortlist is not decided"
   adj_i2t, adj_t2i = sim.copy(), sim.T.copy()
   for m, c in ((adj_i2t, ref), (adj_t2i, ref.T)):
     for q in range(len(m)):
       top = np.argsort(-m[q], kind="stable")[:3]
       m[q, top] = 10.0 + c[q, top]
-  ref_part = {"i2t": loop_metrics(adj_i2t, txt2img)["i2t"], "t2i": loop_metrics(adj_t2i.T, txt2img)["t2i"]}
-  assert_metrics_equal(part["reranked"], ref_part)
+  # Shortlisted scores (10 + margin) move by the margins' bound; the others stay below them.
+  assert_rank_metrics_within(part["reranked"], adj_i2t, txt2img, margin_bound, sim_t2i=adj_t2i.T)
 
 
 def test_protocol_all_and_bad_protocol(setup):
@@ -165,8 +207,13 @@ def test_cli_writes_json_equal_to_library(tmp_path):
   assert not [p for p in os.listdir(out.parent) if p != "eval.json"]  # no temporary left behind
   assert set(res) >= {"decomposed", "coco1k_keyfile", "cross_encoder", "decomposed_same_subset"}
   enc = Encoder.load(str(tmp_path / "export"), batch_size=8)
-  lib = evaluate.evaluate(enc, prepare.load_split(str(tmp_path / "data"), name, "test"), progress=False)
-  assert_metrics_equal(res["decomposed"], lib)
+  lib = evaluate.evaluate(enc, prepare.load_split(str(tmp_path / "data"), name, "test"), progress=False,
+                          return_embeddings=True)
+  txt2img = lib["_embeddings"][2].txt2img
+  # The CLI embeds on 2 devices: rule F32-PAIR for its cosines against the library's own (the CFG's depth;
+  # the image feature width adds to the region projection).
+  sim_pair = 2 * np.sqrt(D) * 2 * gamma(embed_depth(cfg) + cfg.img_feature_dim) + gamma(D + 2)
+  assert_rank_metrics_within(res["decomposed"], own_sim(lib), txt2img, sim_pair)
   assert res["decomposed"]["num_images"] == 12 and res["cross_encoder"]["num_images"] == 4
   assert res["coco1k_keyfile"]["num_images"] == 12  # the demo's key file lists every test image
   bad = subprocess.run([sys.executable, "launch/evaluate.py", f"--export={tmp_path / 'nope'}",
@@ -182,16 +229,22 @@ def test_timing_compare_is_consistent(setup, tmp_path):
   dec, cross = res["split"]["decomposed"], res["split"]["cross_encoder"]
   n_txt = sum(len(r["captions"]) for r in recs)
   assert dec["num_images"] == 9 and dec["num_captions"] == n_txt and not dec["extrapolated"]
-  assert dec["total_s"] == pytest.approx(dec["encode_images_s"] + dec["encode_captions_s"] + dec["search_s"])
+  # Rule F64: float64 arithmetic on the measured seconds, recomputed here by another grouping (n: the
+  # operations on both sides, scale: the magnitude of the terms).
+  parts = dec["encode_images_s"] + dec["encode_captions_s"] + dec["search_s"]
+  assert dec["total_s"] == approx64(parts, n=4, scale=parts)
   assert cross["extrapolated"] and cross["sample_pairs"] == 40
-  assert cross["total_s"] == pytest.approx(cross["measured_s"] / 40 * 9 * n_txt)
-  assert res["split"]["speedup"] == pytest.approx(cross["total_s"] / dec["total_s"])
+  extrapolated = cross["measured_s"] / 40 * 9 * n_txt
+  assert cross["total_s"] == approx64(extrapolated, n=8, scale=extrapolated)
+  ratio = cross["total_s"] / dec["total_s"]
+  assert res["split"]["speedup"] == approx64(ratio, n=2, scale=ratio)
   coco = res["coco5k"]
   assert (coco["num_images"], coco["num_captions"]) == (60, 300)  # COCO-5K size (5000, 25000) by default
   assert res["speedup_gallery"] == "60 images x 300 captions" and res["speedup"] == coco["speedup"]
-  assert coco["cross_encoder_s"] == pytest.approx(cross["per_pair_s"] * 60 * 300)
-  assert coco["decomposed_s"] == pytest.approx(dec["per_image_s"] * 60 + dec["per_caption_s"] * 300
-                                               + coco["decomposed_search_s"])
+  pairs_s = cross["per_pair_s"] * 60 * 300
+  assert coco["cross_encoder_s"] == approx64(pairs_s, n=8, scale=pairs_s)
+  dec_s = dec["per_image_s"] * 60 + dec["per_caption_s"] * 300 + coco["decomposed_search_s"]
+  assert coco["decomposed_s"] == approx64(dec_s, n=12, scale=dec_s)
   assert [r["num_images"] for r in res["vs_gallery_size"]] == [4, 9]
   assert [r["num_captions"] for r in res["vs_gallery_size"]] == [20, 45]
   timing.plot_vs_gallery_size(res, str(tmp_path / "t.png"))

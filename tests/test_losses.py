@@ -2,8 +2,9 @@
 chunked, and on hand-computed examples.
 
 The references below are written from docs/method.md (§4.1-4.3) with explicit [G x pool] similarity
-matrices and direct exponentials: float64 numpy for values and metrics, the same code on jnp float32
-with jax.grad for gradients.
+matrices and direct exponentials: float64 numpy for values and metrics, the same code on jnp float64
+(`jax.enable_x64`) with jax.grad for gradients. Tolerances follow tests/tolerances.py (rule F32 against
+these float64 references, with the bounds `loss_bound` / `grad_scale` below).
 """
 import functools
 import os
@@ -22,6 +23,7 @@ from vldeformer_jax.training import losses
 from vldeformer_jax import parallel
 
 import multiprocess_loss_worker as worker
+from tolerances import ELEMENTARY, assert_bitwise, assert_f32, assert_gaps_exceed, f32_bound, max_abs
 
 MESHES = {1: (1, 1, 1), 2: (2, 1, 1), 8: (2, 2, 2)}
 NAMES = ("infonce", "hardness", "hinge")
@@ -97,22 +99,77 @@ def embeddings(p, dtype=np.float64):
 
 @functools.lru_cache(maxsize=None)
 def reference(name):
-  """(float64 loss, float64 metrics, float32 grads w.r.t. (w, {embedding offsets}, temps))."""
+  """(float64 loss, float64 metrics, float64 grads w.r.t. (w, {embedding offsets}, temps))."""
   p = problem()
   opts = {k: v for k, v in worker.loss_kwargs(name).items() if k != "name"}
   loss64 = reference_loss(np, *embeddings(p), *worker.TEMPS, name, **opts)
   metrics64 = reference_metrics(*embeddings(p))
 
-  def objective(w, offsets, temps):
-    embs = [jnp.asarray(p[k]) @ w + offsets[k] for k in worker.EMB_KEYS]
-    return reference_loss(jnp, *embs, *temps, name, **opts)
+  with jax.enable_x64(True):
+    def objective(w, offsets, temps):
+      embs = [jnp.asarray(p[k], jnp.float64) @ w + offsets[k] for k in worker.EMB_KEYS]
+      return reference_loss(jnp, *embs, *temps, name, **opts)
 
-  offsets = {k: jnp.zeros(p[k].shape[:-1] + (worker.EMB_DIM,)) for k in worker.EMB_KEYS}
-  grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(jnp.asarray(p["w"]), offsets,
-                                                         tuple(jnp.float32(t) for t in worker.TEMPS))
-  grads = (np.asarray(grads[0]), {k: np.asarray(g) for k, g in grads[1].items()},
-           np.array([float(x) for x in grads[2]]))
+    offsets = {k: jnp.zeros(p[k].shape[:-1] + (worker.EMB_DIM,), jnp.float64) for k in worker.EMB_KEYS}
+    grads = jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(jnp.asarray(p["w"], jnp.float64), offsets,
+                                                           tuple(jnp.float64(t) for t in worker.TEMPS))
+    grads = (np.asarray(grads[0]), {k: np.asarray(g) for k, g in grads[1].items()},
+             np.array([float(x) for x in grads[2]]))
+  assert grads[0].dtype == np.float64
   return loss64, metrics64, grads
+
+
+# ------------------------------------------------------------------------------------------------------
+# Rounding bounds (tests/tolerances.py, rule F32) for the problem of multiprocess_loss_worker.py: G rows,
+# K composed negatives per side, features F -> embeddings D, a pool of P = G (1 + K) columns per query.
+
+G, K, F, D = worker.GLOBAL_ROWS, worker.NUM_NEG, worker.FEAT_DIM, worker.EMB_DIM
+P = G * (1 + K)
+# Loss: embedding (F), inverse norm (D, rsqrt), cosine (D), / T, logsumexp over the pool (P, exp, log), minus
+# the positive, mean over the G queries, hardness' extra logaddexp / log1p, the sum of the two directions.
+N_LOSS = F + 2 * D + P + G + 6 * ELEMENTARY + 8
+# Gradients: the loss' chain back again: softmax over the pool (P), the sum over the queries that score a
+# pool row (G), the normalisation (D), and for w the sum over all embedded rows (2 G (1 + K)).
+N_GRAD = N_LOSS + P + G + D + 2 * G * (1 + K)
+# A cosine of unit vectors (|terms| <= 1): the embedding, the norm, the dot product.
+N_COS = F + 2 * D + ELEMENTARY + 2
+
+
+def logit_scale(name, temps=worker.TEMPS, beta=None):
+  """The largest |logit| the objective exponentiates: cos (1 + beta) / T; 1 for the hinge (cosines)."""
+  opts = worker.loss_kwargs(name)
+  if name == "hinge":
+    return 1.0
+  return (1.0 + (opts.get("beta", 0.0) if beta is None else beta)) / min(temps)
+
+
+def loss_bound(name, n=N_LOSS, temps=worker.TEMPS, pool=P, pair=False):
+  """Rule F32 for the loss: per direction the terms are the logsumexp (<= L + log pool) and the positive
+  (<= L), L the direction's largest logit; for the hinge margin + 2 cosines."""
+  if name == "hinge":
+    scale = 2 * (worker.loss_kwargs("hinge")["margin"] + 2.0)
+  else:
+    scale = sum(2 * logit_scale(name, (t,)) + np.log(pool) for t in temps)
+  return f32_bound(n, scale, pair=pair)
+
+
+def assert_grads_close(got, want, name, n=N_GRAD, pair=False):
+  """Rule F32 per gradient tensor: a softmax of logits up to L sits between the rounding and the
+  gradient, so the scale is L times the tensor's largest reference magnitude (tests/tolerances.py)."""
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for i, (a, b) in enumerate(zip(got_leaves, want_leaves)):
+    assert_f32(a, b, n=n, scale=logit_scale(name) * max_abs(b), pair=pair, err_msg=f"gradient leaf {i}")
+
+
+def assert_metrics_close(got, want):
+  """Accuracies exactly (rule EXACT: the reference's top-1 gaps exceed the cosine bound, checked in
+  test_reference_data_exercises_accuracy_and_hardness_clamp); mean cosines by rule F32 (scale 1, n: a
+  cosine and the mean over up to G x P of them)."""
+  for k in ("t2i_accuracy", "i2t_accuracy"):
+    assert got[k] == want[k], (k, got[k], want[k])
+  for k in ("pos_sim", "neg_sim", "hard_neg_sim"):
+    assert_f32(got[k], want[k], n=N_COS + G * P, scale=1.0, err_msg=k)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,14 +186,6 @@ def sharded(name, devices, chunk_size=0):
            np.array([float(x) for x in g_temps])))
 
 
-def assert_grads_close(got, want, rtol=1e-5):
-  """Every entry within rtol of the reference's largest magnitude (per tensor) and rtol relative."""
-  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
-  assert len(got_leaves) == len(want_leaves)
-  for a, b in zip(got_leaves, want_leaves):
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.max(np.abs(b))))
-
-
 # ------------------------------------------------------------------------------------------------------
 # Sharded == full-batch reference.
 
@@ -146,17 +195,15 @@ def assert_grads_close(got, want, rtol=1e-5):
 def test_sharded_loss_and_grads_equal_full_batch_reference(name, devices):
   loss64, metrics64, ref_grads = reference(name)
   loss, metrics, grads = sharded(name, devices)
-  np.testing.assert_allclose(loss, loss64, rtol=1e-5)
-  np.testing.assert_allclose(metrics["loss"], loss64, rtol=1e-5)
-  assert_grads_close(grads, ref_grads)
+  # Rule F32 against the float64 reference: loss, gradients, metrics.
+  assert abs(loss - loss64) <= loss_bound(name), (loss, loss64)
+  assert metrics["loss"] == loss
+  assert_grads_close(grads, ref_grads, name)
   # Gradients w.r.t. the encoder weight are not trivially zero and every embedding gets some.
   assert np.abs(grads[0]).max() > 1e-3
   for k in worker.EMB_KEYS:
     assert np.abs(grads[1][k]).max() > 1e-4, k
-  for k in ("t2i_accuracy", "i2t_accuracy"):
-    assert metrics[k] == pytest.approx(metrics64[k], abs=1e-7), k
-  for k in ("pos_sim", "neg_sim", "hard_neg_sim"):
-    assert metrics[k] == pytest.approx(metrics64[k], abs=1e-5), k
+  assert_metrics_close(metrics, metrics64)
 
 
 def test_reference_data_exercises_accuracy_and_hardness_clamp():
@@ -164,11 +211,16 @@ def test_reference_data_exercises_accuracy_and_hardness_clamp():
   is active on some rows but not all (checked with the reference's own float64 quantities)."""
   _, metrics64, _ = reference("infonce")
   assert 0.2 < metrics64["t2i_accuracy"] < 1.0 and 0.2 < metrics64["i2t_accuracy"] < 1.0
-  t, v, _, nv = embeddings(problem())
+  t, v, nt, nv = embeddings(problem())
   t, v = t / np.linalg.norm(t, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
-  nv = nv / np.linalg.norm(nv, axis=-1, keepdims=True)
+  nt, nv = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (nt, nv))
   temp, beta, tau = worker.TEMPS[0], 0.5, 0.1
   sim = t @ np.concatenate([v, nv.reshape(-1, t.shape[1])]).T
+  # The accuracies are argmaxes over float32 cosines: each row's top-1 beats its runner-up by more than
+  # twice the cosine bound (rule F32), so the float32 accuracies equal the reference's exactly.
+  assert_gaps_exceed(sim, f32_bound(N_COS, 1.0, pair=True), what="t2i cosines")
+  assert_gaps_exceed(v @ np.concatenate([t, nt.reshape(-1, t.shape[1])]).T, f32_bound(N_COS, 1.0, pair=True),
+                     what="i2t cosines")
   neg = np.exp(sim[~np.eye(*sim.shape, dtype=bool)].reshape(len(t), -1) / temp)
   m = neg.shape[1]
   raw = ((neg ** (1 + beta)).sum(1) / (neg ** beta).mean(1) - tau * m * np.exp(np.diagonal(sim) / temp))
@@ -178,12 +230,15 @@ def test_reference_data_exercises_accuracy_and_hardness_clamp():
 
 def test_chunked_equals_unchunked_sharded():
   for name in NAMES:
-    loss, metrics, grads = sharded(name, 8)
-    # 4 local rows per device in chunks of 3: one scanned chunk plus a tail of one row.
+    loss64, metrics64, ref_grads = reference(name)
+    # 4 local rows per device in chunks of 3: one scanned chunk plus a tail of one row. Chunking regroups
+    # the same float32 operations, so it is held to the unchunked bound against the float64 reference
+    # (rule F32; the test used to compare the two float32 results at 1e-6, which is below the rounding
+    # of a 48-column logsumexp of logits up to 30).
     c_loss, c_metrics, c_grads = sharded(name, 8, chunk_size=3)
-    np.testing.assert_allclose(c_loss, loss, rtol=1e-6)
-    assert c_metrics == pytest.approx(metrics, rel=1e-6, abs=1e-7)
-    assert_grads_close(c_grads, grads, rtol=1e-6)
+    assert abs(c_loss - loss64) <= loss_bound(name), (name, c_loss, loss64)
+    assert_metrics_close(c_metrics, metrics64)
+    assert_grads_close(c_grads, ref_grads, name)
 
 
 def _intermediate_shapes(jaxpr) -> set:
@@ -208,8 +263,10 @@ def test_chunked_single_device_matches_and_never_builds_full_logits():
     full = jax.value_and_grad(functools.partial(fn, 0), argnums=(0, 1, 2, 3))
     chunked = jax.value_and_grad(functools.partial(fn, 5), argnums=(0, 1, 2, 3))  # 3 chunks + a tail
     (l0, g0), (l1, g1) = jax.jit(full)(t, v, nt, nv), jax.jit(chunked)(t, v, nt, nv)
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    assert_grads_close(g1, g0, rtol=1e-6)
+    # Rule F32-PAIR: the same float32 loss and gradients grouped in chunks or not (the inputs are the
+    # embeddings, so the feature product drops out of n).
+    assert abs(float(l1) - float(l0)) <= loss_bound(name, n=N_LOSS - F, pair=True), (float(l1), float(l0))
+    assert_grads_close(g1, g0, name, n=N_GRAD - F, pair=True)
     # The pool is scored in two parts (in-batch columns, composed-negative columns), never concatenated:
     # unchunked, both full logit blocks exist; chunked, neither does; no [pool, D] copy in either.
     parts, dim = (g, g * k), t.shape[1]
@@ -251,22 +308,30 @@ def test_two_processes_equal_one_process(tmp_path):
 
   for name in names:
     loss, metrics, (g_w, g_off, g_temps) = sharded(name, 8)
+    loss64, metrics64, (r_w, r_off, r_temps) = reference(name)
     outs = [dict(np.load(tmp_path / f"{name}_process_{i}.npz")) for i in range(2)]
     assert [o["process_rows"].tolist() for o in outs] == [list(range(8)), list(range(8, 16))]
+    scale = logit_scale(name)
     for o in outs:
-      np.testing.assert_allclose(o["loss"], loss, rtol=1e-6)
-      np.testing.assert_allclose(o["grad_w"], g_w, rtol=1e-6, atol=1e-6 * np.abs(g_w).max())
-      np.testing.assert_allclose(o["grad_temps"], g_temps, rtol=1e-6)
-      for k, v in metrics.items():
-        np.testing.assert_allclose(o[f"metric_{k}"], v, rtol=1e-6, atol=1e-7)
+      # Rule EXACT: both processes hold the same replicated results of one collective computation.
+      for key in ("loss", "grad_w", "grad_temps"):
+        assert_bitwise(o[key], outs[0][key], err_msg=key)
+      # Rule F32 against the float64 reference, and so rule F32-PAIR against 1 process x 8 devices (the
+      # same program split over two processes: gloo's reductions may group differently).
+      assert abs(float(o["loss"]) - loss64) <= loss_bound(name)
+      assert abs(float(o["loss"]) - loss) <= loss_bound(name, pair=True)
+      for got, ref, one in ((o["grad_w"], r_w, g_w), (o["grad_temps"], r_temps, g_temps)):
+        assert_f32(got, ref, n=N_GRAD, scale=scale * max_abs(ref))
+        assert_f32(got, one, n=N_GRAD, scale=scale * max_abs(ref), pair=True)
+      assert_metrics_close({k: float(o[f"metric_{k}"]) for k in metrics}, metrics64)
+      assert float(o["metric_loss"]) == float(o["loss"])
     for k in worker.EMB_KEYS:
       # Each process sees the gradient rows of its own devices: its half of the batch.
       for i, o in enumerate(outs):
         assert o[f"grad_{k}_rows"].tolist() == list(range(8 * i, 8 * i + 8))
       merged = np.concatenate([o[f"grad_{k}"] for o in outs])
-      np.testing.assert_allclose(merged, g_off[k], rtol=1e-6, atol=1e-6 * np.abs(g_off[k]).max())
-    # And against the independent reference, like the single-process runs.
-    np.testing.assert_allclose(outs[0]["loss"], reference(name)[0], rtol=1e-5)
+      assert_f32(merged, r_off[k], n=N_GRAD, scale=scale * max_abs(r_off[k]), err_msg=k)
+      assert_f32(merged, g_off[k], n=N_GRAD, scale=scale * max_abs(r_off[k]), pair=True, err_msg=k)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -275,20 +340,24 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def test_hand_computed_examples():
   t = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  # Orthonormal pairs, T = 1: each direction is log(1 + e^-1) per query.
+  # Orthonormal pairs, T = 1: each direction is log(1 + e^-1) per query. Rule F32 (n: a 2-column pool of
+  # 2 rows, 2-d vectors).
   loss, m = contrastive_loss(t, 3.0 * t, temperature_t2i=1.0, temperature_i2t=1.0)
-  np.testing.assert_allclose(loss, 2 * np.log1p(np.exp(-1.0)), rtol=1e-6)
+  assert abs(float(loss) - 2 * np.log1p(np.exp(-1.0))) <= loss_bound("infonce", n=4 * 2 + 2 + 2 + 6 * ELEMENTARY + 8,
+                                                                      temps=(1.0, 1.0), pool=2)
+  # Rule EXACT: cosines of orthonormal vectors, counts of 2 queries.
   assert float(m["t2i_accuracy"]) == 1.0 and float(m["pos_sim"]) == 1.0 and float(m["neg_sim"]) == 0.0
   # Hinge: images [[1,0],[1,0]]. t2i rows: 0.2 and 0.2; i2t rows: relu(0.2 - 1 + 0) = 0 and 0.2 + 1.
   v = jnp.array([[1.0, 0.0], [2.0, 0.0]])
   loss, m = contrastive_loss(t, v, name="hinge", margin=0.2, temperature_t2i=1.0, temperature_i2t=1.0)
-  np.testing.assert_allclose(loss, 0.2 + 0.6, rtol=1e-6)
-  assert float(m["t2i_accuracy"]) == 0.5 and float(m["i2t_accuracy"]) == 0.5
-  # Hardness with beta = tau_plus = 0 is InfoNCE (the clamp cannot bind at tau_plus = 0).
+  assert abs(float(loss) - (0.2 + 0.6)) <= loss_bound("hinge", n=4 * 2 + 2 + 2 + 6 * ELEMENTARY + 8)  # rule F32
+  assert float(m["t2i_accuracy"]) == 0.5 and float(m["i2t_accuracy"]) == 0.5  # rule EXACT: counts
+  # Hardness with beta = tau_plus = 0 is InfoNCE (the clamp cannot bind at tau_plus = 0): rule F32-PAIR,
+  # two float32 formulas of one value, logits up to 1 / 0.005.
   t, v, nt, nv = [jnp.asarray(x, jnp.float32) for x in embeddings(problem())]
   a = contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005)[0]
   b = contrastive_loss(t, v, nt, nv, temperature_t2i=0.005, temperature_i2t=0.005, name="hardness")[0]
-  np.testing.assert_allclose(b, a, rtol=1e-6)
+  assert abs(float(b) - float(a)) <= loss_bound("hardness", n=N_LOSS - F, temps=(0.005, 0.005), pair=True), (a, b)
   # At the paper's T = 0.005, exp(1/T) overflows float32 and the clamp M e^{-1/T} underflows it: the
   # hardness loss and its gradients (clamped rows included) must stay finite.
   hardness = jax.jit(jax.value_and_grad(
@@ -319,21 +388,26 @@ def test_loss_argument_errors():
 def test_match_and_mlm_losses_known_answers():
   logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, -1.0]], np.float32)
   labels = np.array([0, 1, 1])
-  ce = np.log(np.exp(logits).sum(1)) - logits[np.arange(3), labels]
+  z = logits.astype(np.float64)
+  ce = np.log(np.exp(z).sum(1)) - z[np.arange(3), labels]
   loss, m = match_loss(jnp.asarray(logits), jnp.asarray(labels))
-  np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)
-  np.testing.assert_allclose(m["match_accuracy"], 2 / 3, rtol=1e-6)
+  # Rule F32 against float64: a 2-class logsumexp (exp, log) minus the label's logit, mean over 3 rows;
+  # terms up to 2 max|logit| + log 2.
+  assert_f32(loss, ce.mean(), n=2 + 2 * ELEMENTARY + 2 + 3, scale=2 * max_abs(z) + np.log(2))
+  assert_f32(m["match_accuracy"], 2 / 3, n=3, scale=1.0)  # rule F32: 2 of 3 rows, one division
 
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
   labels = np.array([[1, 4, -100], [0, -100, 2]])
   weights = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], np.float32)
   keep = weights > 0
-  lse = np.log(np.exp(logits).sum(-1))
-  ce = lse[keep] - logits[keep, labels[keep]]
-  acc = np.mean(np.argmax(logits, -1)[keep] == labels[keep])
+  z = logits.astype(np.float64)
+  lse = np.log(np.exp(z).sum(-1))
+  ce = lse[keep] - z[keep, labels[keep]]
+  acc = np.mean(np.argmax(z, -1)[keep] == labels[keep])
   loss, m = mlm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))
-  np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)
-  np.testing.assert_allclose(m["mlm_accuracy"], acc, rtol=1e-6)
+  # Rule F32: a 5-way logsumexp minus the label's logit, weighted mean over the 6 positions.
+  assert_f32(loss, ce.mean(), n=5 + 2 * ELEMENTARY + 2 + 2 * 6, scale=2 * max_abs(z) + np.log(5))
+  assert_f32(m["mlm_accuracy"], acc, n=2 * 6, scale=1.0)  # rule F32: a weighted count over 6 positions
   zero, _ = mlm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.zeros_like(jnp.asarray(weights)))
   assert float(zero) == 0.0

@@ -27,10 +27,13 @@ import uuid
 import numpy as np
 from tqdm import tqdm
 
+from vldeformer_jax.io import files as fileio
+
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "vldeformer_demo"
-GENERATOR_VERSION = 1
+SCENES_FILE = "scenes.json"  # image_id -> scene_description, beside the VinVL files
+GENERATOR_VERSION = 2  # 2: scenes.json beside the files (the records are those of version 1)
 DEFAULT_NUM_TRAIN = 6000
 VISUAL_DIM = 2048
 FEATURE_DIM = VISUAL_DIM + 6
@@ -197,19 +200,24 @@ def _images(rng, image_ids) -> list[_Image]:
   """Groups of 2-4 images over one class set; later members often differ from the first by one change."""
   images = []
   while len(images) < len(image_ids):
-    k = int(rng.integers(2, 6))
-    classes = list(rng.choice(len(CLASSES), size=k, replace=False))
-    if rng.random() < _P_DUPLICATE_CLASS:
-      classes[-1] = classes[0]
-    base = _scene(rng, classes)
-    for j in range(int(rng.integers(2, 5))):
-      if len(images) == len(image_ids):
-        break
-      objs = base if j == 0 else (_one_change(rng, base) if rng.random() < _P_ONE_CHANGE
-                                  else _scene(rng, classes))
-      w, h = int(rng.integers(480, 641)), int(rng.integers(360, 481))
-      images.append(_Image(int(image_ids[len(images)]), w, h, objs, _detections(rng, objs),
-                           _captions(rng, objs)))
+    images.extend(_group_images(rng, image_ids[len(images):]))
+  return images
+
+
+def _group_images(rng, image_ids, size: int | None = None) -> list[_Image]:
+  """One group over one class set: `size` images (default: 2-4, drawn), at most `len(image_ids)`; the
+  first a fresh scene, later ones one change away (or a fresh scene of the same classes)."""
+  k = int(rng.integers(2, 6))
+  classes = list(rng.choice(len(CLASSES), size=k, replace=False))
+  if rng.random() < _P_DUPLICATE_CLASS:
+    classes[-1] = classes[0]
+  base = _scene(rng, classes)
+  size = int(rng.integers(2, 5)) if size is None else size  # drawn here: the original stream order
+  images = []
+  for j in range(min(size, len(image_ids))):
+    objs = base if j == 0 else (_one_change(rng, base) if rng.random() < _P_ONE_CHANGE else _scene(rng, classes))
+    w, h = int(rng.integers(480, 641)), int(rng.integers(360, 481))
+    images.append(_Image(int(image_ids[j]), w, h, objs, _detections(rng, objs), _captions(rng, objs)))
   return images
 
 
@@ -226,6 +234,72 @@ def _region_features(seed: int, protos, img: _Image) -> np.ndarray:
     w, h = img.width, img.height
     rows.append(np.concatenate([visual, [x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) / w, (y2 - y1) / h]]))
   return np.asarray(rows, np.float32).reshape(len(img.regions), FEATURE_DIM)
+
+
+def _prototypes(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The world's visual prototypes (class, colour, size): what a detector's features are made of. Every
+  dataset drawn from one world seed shares them, as images from one detector do."""
+  return (rng.standard_normal((len(CLASSES), VISUAL_DIM)), rng.standard_normal((len(COLOURS), VISUAL_DIM)),
+          rng.standard_normal((len(SIZES), VISUAL_DIM)))
+
+
+def scene_description(img: _Image) -> list[dict]:
+  """The objects an image's captions describe, for drawing it: class, colour, size and 3x3 grid cell."""
+  return [{"class": CLASSES[o.cls], "colour": COLOURS[o.colour], "size": SIZES[o.size], "cell": o.cell}
+          for o in img.objects]
+
+
+CORPUS_VS_DOWNSTREAM = (
+    "The pre-training corpus and the downstream set come from one world (the same visual prototypes, i.e. one "
+    "'detector'; the same classes, colours, sizes, caption templates and group structure) and differ in their "
+    "images (disjoint random streams and image ids) and in size; the corpus's images come in groups of four, "
+    "the downstream set's in groups of two to four. There is no shift in templates or object mixes: what "
+    "stage 2 can carry over is what stage 1 learned about this world.")
+
+
+class CorpusSource:
+  """A pre-training corpus of the demo world, generated on access and never stored.
+
+  Random access like a prepared split (`len`, `[i]` -> record with `image_id`, `features`, `tags`,
+  `captions`), so the training pipeline reads it unchanged. Record i is a pure function of (seed, i): images
+  come in groups of four over one class set (the first a fresh scene, the others often one change away, as
+  in the prepared demo data), group g drawn from its own random stream. The visual prototypes are those of
+  `world_seed`, so a corpus and a prepared demo dataset of the same world seed share one "detector"; image
+  ids start at 10,000,000, disjoint from prepared demo datasets (100,000-999,999).
+  """
+  GROUP = 4
+  FIRST_ID = 10_000_000
+
+  def __init__(self, num_images: int, *, seed: int, world_seed: int):
+    if num_images < 1:
+      raise ValueError(f"CorpusSource: num_images must be positive, got {num_images}")
+    self.num_images, self.seed, self.world_seed = int(num_images), int(seed), int(world_seed)
+    self._protos = _prototypes(np.random.default_rng(world_seed))
+    self._cache: tuple[int, list[_Image]] | None = None
+
+  def __len__(self) -> int:
+    return self.num_images
+
+  def _group(self, g: int) -> list[_Image]:
+    cache = self._cache  # one read: prefetch threads may replace it concurrently
+    if cache is not None and cache[0] == g:
+      return cache[1]
+    rng = np.random.default_rng([self.seed, 7, g])
+    ids = self.FIRST_ID + g * self.GROUP + np.arange(self.GROUP)
+    images = _group_images(rng, ids, size=self.GROUP)
+    self._cache = (g, images)
+    return images
+
+  def image(self, index: int) -> _Image:
+    if not 0 <= index < self.num_images:
+      raise IndexError(f"CorpusSource index {index} out of range [0, {self.num_images})")
+    return self._group(index // self.GROUP)[index % self.GROUP]
+
+  def __getitem__(self, index: int) -> dict:
+    img = self.image(int(index))
+    feats = _region_features(self.seed, self._protos, img)
+    return {"image_id": img.image_id, "features": feats, "tags": " ".join(CLASSES[o.cls] for o in img.regions),
+            "captions": list(img.captions)}
 
 
 def _write_tsv(path: str, rows) -> None:
@@ -252,8 +326,7 @@ def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_T
   if num_train < 1 or num_test < 1:
     raise ValueError(f"num_train ({num_train}) and num_test ({num_test}) must be positive")
   rng = np.random.default_rng(seed)
-  protos = (rng.standard_normal((len(CLASSES), VISUAL_DIM)), rng.standard_normal((len(COLOURS), VISUAL_DIM)),
-            rng.standard_normal((len(SIZES), VISUAL_DIM)))
+  protos = _prototypes(rng)
   ids = rng.choice(np.arange(100_000, 1_000_000), size=num_train + num_test, replace=False)
   train, test = _images(rng, ids[:num_train]), _images(rng, ids[num_train:])
   everything = train + test
@@ -282,6 +355,8 @@ def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_T
     for split, imgs in (("train", train), ("test", test)):
       with open(os.path.join(tmp, f"{split}_captions.json"), "w") as f:
         json.dump({str(img.image_id): img.captions for img in imgs}, f)
+    with open(os.path.join(tmp, SCENES_FILE), "w") as f:
+      json.dump({str(img.image_id): scene_description(img) for img in everything}, f)
     test_ids = [img.image_id for img in test]
     with open(os.path.join(tmp, "test_img_keys.tsv"), "w") as f:
       f.write("".join(f"{test_ids[i]}\n" for i in rng.permutation(len(test_ids))))
@@ -293,6 +368,11 @@ def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_T
     raise
   return {"dir": out_dir, "num_train": num_train, "num_test": num_test,
           "num_regions": int(sum(len(i.regions) for i in everything)), "feature_dim": FEATURE_DIM}
+
+
+def scenes_path(data_dir: str, name: str) -> str:
+  """Where `prepare_demo` keeps the scene descriptions of dataset `name` (for drawing its images)."""
+  return os.path.join(data_dir, f"{name}_{SCENES_FILE}")
 
 
 def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_TRAIN, num_test: int = 1000,
@@ -314,8 +394,9 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
   try:
     vinvl_dir = os.path.join(scratch, "vinvl")
     write_demo_vinvl(vinvl_dir, seed, num_train, num_test)
+    fileio.copy_file_atomic(os.path.join(vinvl_dir, SCENES_FILE), scenes_path(data_dir, name))
     prepare.prepare_vinvl(vinvl_dir, vinvl_dir, name, data_dir, overwrite=overwrite,
-                          description=f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo.py",
+                          description=f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
                           extra_metadata={"demo": want})
   finally:
     shutil.rmtree(scratch, ignore_errors=True)

@@ -13,11 +13,13 @@ it, so a run can resume on another pod shape and still see the same examples:
 
 The machinery is grain: a `MapDataset` over step numbers whose map builds one process-local batch
 (one tokenizer call per batch), thread prefetch, and `mp_prefetch` worker processes when
-`worker_count > 0`. The iterator's state is just the next step, so it is JSON, tiny, and valid for any
-process count or worker count.
+`worker_count > 0` (they die with the training process: `die_with_parent`). The iterator's state is just
+the next step, so it is JSON, tiny, and valid for any process count or worker count.
 """
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from typing import Any, Iterator
 
@@ -184,6 +186,28 @@ def _allow_unparsed_absl_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def die_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 0) -> None:
+  """grain `worker_init_fn`: the worker is killed when its parent dies, however it dies (SIGKILL, the OOM
+  killer), instead of living on re-parented to init and holding the parent's output pipes open.
+
+  Linux `prctl(PR_SET_PDEATHSIG, SIGKILL)`; the parent is the thread that started the worker, which is the
+  training loop's (it calls `next`). Elsewhere a no-op."""
+  del worker_index, worker_count
+  import ctypes
+  import os
+  import signal
+  import sys
+  if not sys.platform.startswith("linux"):
+    return
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+  except (OSError, AttributeError):
+    return
+  if os.getppid() != parent_pid:  # the parent died before the line above: nothing would kill us
+    os._exit(1)
+
+
 class TrainIterator(Iterator[dict]):
   """Infinite iterator of process-local training batches with `get_state` / `set_state`.
 
@@ -224,7 +248,8 @@ class TrainIterator(Iterator[dict]):
     if self.worker_count:
       _allow_unparsed_absl_flags()
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.worker_count, per_worker_buffer_size=max(1, self.prefetch)))
+          num_workers=self.worker_count, per_worker_buffer_size=max(1, self.prefetch)),
+          worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     return iter(dataset)
 
   def __iter__(self):

@@ -18,6 +18,7 @@ renamed at the end: a failure leaves nothing behind, and a dataset that exists i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -103,8 +104,68 @@ def read_metadata(data_dir: str, name: str, version: str = VERSION) -> dict | No
     return json.load(f)
 
 
+def _info_path(data_dir: str, name: str) -> str | None:
+  """`<data_dir>/<name>/<version>/dataset_info.json` (this code's version first), or None."""
+  root = os.path.join(data_dir, name)
+  versions = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  for v in [VERSION] + [v for v in versions if v != VERSION]:
+    path = os.path.join(root, v, "dataset_info.json")
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def prepared_datasets(data_dir: str) -> list[str]:
+  """The names of the prepared datasets under `data_dir` (each a `<name>/<version>/dataset_info.json`)."""
+  if not os.path.isdir(data_dir):
+    return []
+  return sorted(n for n in os.listdir(data_dir) if not n.startswith(".") and _info_path(data_dir, n))
+
+
+def dataset_splits(data_dir: str, name: str) -> dict[str, int] | None:
+  """{split: number of records} of a prepared dataset, or None when it is not prepared under `data_dir`."""
+  path = _info_path(data_dir, name)
+  if path is None:
+    return None
+  with open(path, encoding="utf-8") as f:
+    info = json.load(f)
+  return {s["name"]: int(sum(int(n) for n in s.get("shardLengths", []))) for s in info.get("splits", [])}
+
+
+def missing_dataset(data_dir: str, name: str) -> str | None:
+  """None when `name` is prepared under `data_dir`; else one line saying so, with what `data_dir` holds."""
+  if _info_path(data_dir, name):
+    return None
+  data_dir = os.path.abspath(data_dir)
+  if not os.path.isdir(data_dir):
+    return f"dataset {name!r} not found in {data_dir} (the directory does not exist); prepare it with " \
+           "launch/prepare_data.py"
+  held = prepared_datasets(data_dir)
+  close = difflib.get_close_matches(name, held, n=1)
+  holds = f"it holds: {', '.join(held)}" if held else "it holds no prepared dataset"
+  return (f"dataset {name!r} not found in {data_dir} ({holds}" + (f"; did you mean {close[0]!r}?" if close else "")
+          + "); prepare it with launch/prepare_data.py")
+
+
+def check_split(data_dir: str, name: str, split: str) -> None:
+  """Raises FileNotFoundError (one line: what the data_dir or the dataset holds) unless the split exists.
+  Only local directories are checked; other filesystems are left to tfds."""
+  if "://" in str(data_dir):
+    return
+  missing = missing_dataset(data_dir, name)
+  if missing:
+    raise FileNotFoundError(missing)
+  splits = dataset_splits(data_dir, name) or {}
+  for part in str(split).split("+"):  # tfds split syntax: 'train+test', 'test[:100]'
+    if part.split("[")[0].strip() not in splits:
+      raise FileNotFoundError(f"dataset {name!r} in {os.path.abspath(data_dir)} has no split {split!r} "
+                              f"(it has: {', '.join(sorted(splits))})")
+
+
 def load_split(data_dir: str, name: str, split: str):
-  """The random-access source of one split: `len(src)`, `src[i]` -> record dict (text as bytes)."""
+  """The random-access source of one split: `len(src)`, `src[i]` -> record dict (text as bytes). A missing
+  dataset or split raises FileNotFoundError naming what `data_dir` holds (not tfds' catalogue)."""
+  check_split(data_dir, name, split)
   return tfds.data_source(name, data_dir=data_dir, split=split)
 
 

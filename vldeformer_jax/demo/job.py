@@ -1,22 +1,24 @@
 """The whole paper in miniature, as one resumable job: `run_demo(workdir)`.
 
-Spec 11.9: without VinVL weights or COCO features, the claim is shown end to end on the synthetic demo
-data. The stages, each skipped when its output already exists (so a second run only redoes what is
+Without VinVL weights or COCO features, the claim is shown end to end on the demo world
+(`data.demo_world`), in the paper's regime: the early-interaction model is pre-trained on a large corpus,
+then decomposed on a small downstream set (VinVL: 5.65M pre-training pairs; VLDeformer: COCO's 113K
+images). The stages, each skipped when its output already exists (a second run only redoes what is
 missing, and a killed run resumes from its checkpoints):
 
-  data      prepare_demo -> <workdir>/data                                   (vldeformer_jax.data.demo)
-  stage1    early-interaction VL transformer (ITM, ...) -> stage1/export     (configs/demo_stage1.py)
-  stage2    decomposition of the stage-1 weights with bi-modal hard negatives -> stage2/export
-            (configs/demo.py:negatives, init_export = stage1/export)
-  ablations stage 2 without the hard negatives; the same from plain BERT weights (the bundled MiniLM,
-            converted) and from random weights                                -> ablation_*/export
-  eval      the stage-1 cross-encoder on every pair of the first `cross_max_images` test images, every
-            decomposed model on that same subset and on the full test split   -> results/*.json
+  data      the downstream set -> <workdir>/data: a small train split and a 1000-image test split, 5 captions
+            per image; the pre-training corpus is generated on access (never stored), disjoint in images
+  stage1    early-interaction VL transformer (ITM, ranking, MLM, ITC) on the corpus -> stage1/export
+  stage2    decomposition of the stage-1 weights on the downstream train split, bi-modal hard negatives
+  ablations the same decomposition without the hard negatives, and from plain BERT weights (the bundled
+            MiniLM, converted) and from random weights: equal steps, batch and data for every init
+  eval      demo/evaluation.py: cross-encoder vs decomposed on disjoint folds (drop with a t interval), every
+            decomposed model on the full split (bootstrap intervals), retrieve-then-re-rank  -> results/*.json
   timing    measured per-item costs, extrapolated to a COCO-5K gallery        -> results/timing.json
-  report    report.md, report.json, PNG plots                                  (vldeformer_jax.demo.report)
+  report    report.md, report.json, PNG plots                                  (demo/report.py)
 
-Everything is a library call (train_and_evaluate, evaluate, evaluate_cross_encoder, convert_checkpoint), so
-the same job runs from a notebook: `run_demo("runs/demo")`. Results are written atomically as JSON.
+Everything is a library call (train_and_evaluate, evaluate, convert_checkpoint), so the same job runs from
+a notebook: `run_demo("runs/demo")`. Results are written atomically as JSON.
 """
 from __future__ import annotations
 
@@ -33,40 +35,60 @@ import jax
 from vldeformer_jax import parallel
 from vldeformer_jax.data import demo_world as demo_data
 from vldeformer_jax.data import prepare
+from vldeformer_jax.demo import evaluation
 from vldeformer_jax.demo import report as report_lib
 from vldeformer_jax.demo import settings
 from vldeformer_jax.io import convert
 from vldeformer_jax.io import files as fileio
 from vldeformer_jax.retrieval import timing
 from vldeformer_jax.retrieval.encoder import Encoder
-from vldeformer_jax.retrieval.evaluate import evaluate, evaluate_cross_encoder
+from vldeformer_jax.retrieval.gallery import load_gallery
 from vldeformer_jax.training.loop import train_and_evaluate
+from vldeformer_jax.training.metric_writers import read_metrics
 
 log = logging.getLogger(__name__)
 
 MAIN = "stage2"  # the decomposed model the headline numbers are about
 ABLATIONS = {
     # name: (init, hard negatives on, description). Two questions: do the hard negatives help (stage2 against
-    # the first), and does the early-interaction knowledge matter (the three inits, all without the hard
+    # the first), and does the early-interaction pre-training matter (the three inits, all without the hard
     # negatives, which double the cost of a stage-2 step)?
     "ablation_stage1_no_negatives": ("stage1", False, "stage-1 weights, plain in-batch InfoNCE"),
     "ablation_bert": ("bert", False, "plain BERT weights (MiniLM-L6, converted), plain in-batch InfoNCE"),
     "ablation_random": ("random", False, "random weights, plain in-batch InfoNCE"),
 }
+CURVE_RUNS = ("ablation_stage1_no_negatives", "ablation_random")  # the thesis pair, evaluated during training
+LABELS = {  # what a person reads in tables and plots
+    "stage1_no_decomposition": "stage-1 model used as a decomposed encoder (no stage 2)",
+    MAIN: "decomposed from stage 1, hard negatives (VLDeformer)",
+    "ablation_stage1_no_negatives": "decomposed from stage 1, no hard negatives",
+    "ablation_bert": "decomposed from plain BERT (MiniLM), no hard negatives",
+    "ablation_random": "decomposed from random weights, no hard negatives",
+}
 
 
 @dataclasses.dataclass
 class DemoPlan:
-  """What the demo runs besides the two training configs; with the defaults the whole demo took 13.5
-  minutes on 2 CPU cores (stage 1: 6.3; every stage-2 run with hard negatives costs twice one without)."""
-  cross_max_images: int = 64      # cross-encoder subset: the first N test images and their captions
-  stage2_num_steps: int | None = 100  # overrides every stage-2 config's train.num_steps (None: keep)
+  """What the demo runs besides the two training configs (sizes, evaluation, timing)."""
+  corpus_images: int = 11_200     # stage 1's pre-training corpus: one pass at its 700 steps x batch 16
+  stage1_num_steps: int | None = 700  # overrides the stage-1 config's train.num_steps (None: keep)
+  corpus_seed: int = 1            # its images; the world (visual prototypes) is the downstream data's
+  downstream_train: int = 1_000   # the small downstream train split every decomposition trains on
+  downstream_test: int = 1_000    # the test split (5 captions per image)
+  stage2_num_steps: int | None = 100  # overrides every stage-2 config's train.num_steps (None: keep) ...
+  stage2_global_batch_size: int | None = 32  # ... and its batch: equal for every init, MiniLM included
   dropout: float | None = 0.0     # overrides every run's dropout (None: keep). On CPU the threefry dropout
                                   # masks double the step time; these small runs do not need dropout
   eval_batch_size: int = 256
+  folds: int = 5                  # cross-encoder comparison: disjoint folds of the test split ...
+  fold_images: int = 64           # ... of this many images, every (image, caption) pair scored
+  rerank_top_k: int = 5           # retrieve with the decomposed model, re-rank its top-k by the cross-encoder
+  bootstrap_samples: int = 1000
+  curve_every: int = 20           # the two thesis runs (stage-1 vs random init) are evaluated on the test
+                                  # split every this many steps: recall against decomposition steps
   ablations: tuple[str, ...] = tuple(ABLATIONS)
-  bert_num_steps: int = 20        # MiniLM (6 x 384) is ~13x the FLOPs of the demo model per token
-  bert_global_batch_size: int = 16
+  bert_num_steps: int | None = None         # None: the same steps as every other stage-2 run
+  bert_global_batch_size: int | None = None  # None: the same batch
   bert_dir: str | None = None     # a HF BERT directory (config.json, vocab.txt, weights); None: MiniLM
   gallery_sizes: tuple[int, ...] = (100, 250, 500, 1000, 2500, 5000)  # images; 5 captions each; the
                                   # last is the headline speedup's gallery (COCO-5K: 5000 x 25000)
@@ -132,7 +154,8 @@ def _bert_export(workdir: str, plan: DemoPlan, model_cfg) -> str:
 
 
 def stage_configs(stage1, stage2, workdir: str, plan: DemoPlan) -> dict[str, tuple[Any, str]]:
-  """Every training run of the demo: name -> (config, run directory), in the order they run."""
+  """Every training run of the demo: name -> (config, run directory), in the order they run. Stage 1 reads
+  the generated corpus; every decomposition reads the downstream train split with equal steps and batch."""
   data_dir = os.path.join(workdir, "data")
   runs = {}
 
@@ -142,14 +165,20 @@ def stage_configs(stage1, stage2, workdir: str, plan: DemoPlan) -> dict[str, tup
       c.model.hidden_dropout_prob = c.model.attention_probs_dropout_prob = float(plan.dropout)
     if plan.stage2_num_steps is not None and c.objective == "decompose":
       c.train.num_steps = int(plan.stage2_num_steps)
+    if plan.stage2_global_batch_size is not None and c.objective == "decompose":
+      c.train.global_batch_size = int(plan.stage2_global_batch_size)
+    if plan.stage1_num_steps is not None and c.objective == "early_interaction":
+      c.train.num_steps = int(plan.stage1_num_steps)
     c.data.data_dir = data_dir
-    c.train.eval_every = -1  # the demo evaluates every model itself, on the same subsets
-    c.seed = stage1.seed     # the data seed: one dataset for every run
-    c.data.generate_num_train = stage1.data.generate_num_train
-    c.data.generate_num_test = stage1.data.generate_num_test
+    c.data.generate = ""     # the job prepares the downstream set itself (`prepare_downstream`)
+    c.data.name = stage1.data.name
+    c.data.generate_seed = stage1.data.generate_seed  # one world for the corpus and the downstream set
+    c.train.eval_every = -1  # the demo evaluates every model itself, on the same images
     return c, os.path.join(workdir, run)
 
-  runs["stage1"] = prepared(stage1, "stage1")
+  c, d = prepared(stage1, "stage1")
+  c.data.corpus_size, c.data.corpus_seed = int(plan.corpus_images), int(plan.corpus_seed)
+  runs["stage1"] = (c, d)
   s1_export = os.path.join(workdir, "stage1", "export")
   c, d = prepared(stage2, MAIN)
   c.init_export = s1_export
@@ -163,48 +192,67 @@ def stage_configs(stage1, stage2, workdir: str, plan: DemoPlan) -> dict[str, tup
     c.data.negatives.num_per_pair = neg if negatives else 0
     c.init_export = {"stage1": s1_export, "bert": os.path.join(workdir, "bert_export"), "random": ""}[init]
     if init == "bert":
-      c.train.num_steps = plan.bert_num_steps
-      c.train.global_batch_size = plan.bert_global_batch_size
-      c.train.warmup_steps = min(int(c.train.warmup_steps), plan.bert_num_steps // 5)
+      c.train.num_steps = plan.bert_num_steps or c.train.num_steps
+      c.train.global_batch_size = plan.bert_global_batch_size or c.train.global_batch_size
+      c.train.warmup_steps = min(int(c.train.warmup_steps), int(c.train.num_steps) // 5)
+    if name in CURVE_RUNS and plan.curve_every:
+      c.train.eval_every = int(plan.curve_every)
     runs[name] = (c, d)
   return runs
 
 
-def _evaluate_all(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> dict:
-  """Cross-encoder on the subset; every decomposed model on the subset and on the full test split."""
+def prepare_downstream(config, plan: DemoPlan) -> str:
+  """The downstream set (small train split, test split) in the config's data_dir; returns its name."""
+  return demo_data.prepare_demo(config.data.data_dir, seed=config.data.generate_seed, name=config.data.name,
+                                num_train=plan.downstream_train, num_test=plan.downstream_test)
 
-  res_dir = os.path.join(workdir, "results")
-  os.makedirs(res_dir, exist_ok=True)
+
+def _recall_curve(run_dir: str) -> list[list[float]]:
+  """[step, average recall] of a run's evaluations on the test split during training (metrics.jsonl)."""
+  rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  return [[int(r["step"]), float(r["rsum"]) / 6] for r in rows if r.get("split") == "eval" and "rsum" in r]
+
+
+def _evaluate_all(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> dict:
+  """Folds (cross-encoder vs every decomposed model), the full split, and retrieve-then-re-rank."""
+  res_dir = evaluation.results_dir(workdir)
   c = stage1_config
   source = prepare.load_split(os.path.join(workdir, "data"), c.data.name, c.data.eval_split)
-  n_sub = min(plan.cross_max_images, len(source))
+  gallery = load_gallery(source)
+  rows = evaluation.fold_rows(gallery.num_images, plan.folds, plan.fold_images)
+  with open(demo_data.scenes_path(os.path.join(workdir, "data"), c.data.name)) as f:
+    groups = evaluation.class_set_groups(gallery, json.load(f))
   mesh = parallel.make_mesh() if jax.device_count() > 1 else None
   bs = plan.eval_batch_size
-
-  def load(export):
-    return Encoder.load(export, mesh=mesh, batch_size=bs)
-
-  out = {"subset_images": n_sub, "split_images": len(source), "split": c.data.eval_split}
+  load = lambda export: Encoder.load(export, mesh=mesh, batch_size=bs)  # noqa: E731
   s1 = os.path.join(runs["stage1"][1], "export")
-  out["cross_encoder"] = _cached(
-      os.path.join(res_dir, "cross_encoder_subset.json"),
-      lambda: evaluate_cross_encoder(load(s1), source, "full", bs, max_images=n_sub, progress=plan.progress),
-      "cross-encoder evaluation")
+  cross = None
+
+  def cross_encoder():
+    nonlocal cross
+    cross = cross or load(s1)
+    return cross
+
+  out = {"split": c.data.eval_split, "split_images": gallery.num_images, "split_captions": len(gallery.captions),
+         "folds": plan.folds, "fold_images": plan.fold_images, "txt2img": gallery.txt2img.tolist()}
+  out["cross_encoder_folds"] = [
+      _cached(os.path.join(res_dir, f"cross_encoder_fold{f}.json"),
+              lambda r=r: evaluation.cross_encoder_fold(cross_encoder(), gallery, r, bs, plan.progress, groups),
+              f"cross-encoder fold {f + 1}/{plan.folds}") for f, r in enumerate(rows)]
   decomposed = {"stage1_no_decomposition": s1}
   decomposed.update({name: os.path.join(d, "export") for name, (_, d) in runs.items() if name != "stage1"})
-  out["decomposed"] = {}
-  for name, export in decomposed.items():
-    enc = None
-
-    def run(max_images):
-      nonlocal enc
-      enc = enc or load(export)
-      return evaluate(enc, source, "full", bs, max_images=max_images, progress=plan.progress)
-
-    out["decomposed"][name] = {
-        "subset": _cached(os.path.join(res_dir, f"{name}_subset.json"), lambda: run(n_sub), f"{name} subset"),
-        "full": _cached(os.path.join(res_dir, f"{name}_full.json"), lambda: run(None), f"{name} full split"),
-    }
+  out["decomposed"] = {
+      name: _cached(os.path.join(res_dir, f"{name}.json"),
+                    lambda e=export: evaluation.decomposed_on_split(load(e), gallery, rows, bs, plan.progress,
+                                                                    groups),
+                    f"{name} on the test split") for name, export in decomposed.items()}
+  out["curves"] = {name: _recall_curve(runs[name][1]) for name in CURVE_RUNS if name in runs}
+  if MAIN in runs and plan.rerank_top_k:
+    out["reranked"] = _cached(
+        os.path.join(res_dir, f"{MAIN}_reranked_top{plan.rerank_top_k}.json"),
+        lambda: evaluation.reranked_on_split(load(os.path.join(runs[MAIN][1], "export")), cross_encoder(), gallery,
+                                             plan.rerank_top_k, bs, plan.progress),
+        f"{MAIN} re-ranked by the cross-encoder")
   return out
 
 
@@ -241,9 +289,7 @@ def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPla
 
   c1 = runs["stage1"][0]
   t = time.perf_counter()
-  kwargs = {k: int(v) for k, v in (("num_train", c1.data.generate_num_train),
-                                   ("num_test", c1.data.generate_num_test)) if v}
-  demo_data.prepare_demo(c1.data.data_dir, seed=c1.seed, name=c1.data.name, **kwargs)
+  prepare_downstream(c1, plan)
   times.setdefault("data", time.perf_counter() - t)
   report = None
   phases = [[n for n in runs if n in ("stage1", MAIN)], [n for n in runs if n not in ("stage1", MAIN)]]
@@ -264,16 +310,20 @@ def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPla
 
 def _report(workdir, runs, c1, plan, times, t0) -> dict:
   results = _evaluate_all(workdir, runs, c1, plan)
-  times["evaluation"] = sum(
-      r.get("_seconds", 0.0) for r in [results["cross_encoder"]]
-      + [v for d in results["decomposed"].values() for v in d.values()])
+  times["evaluation"] = sum(r.get("_seconds", 0.0) for r in results["cross_encoder_folds"]
+                            + list(results["decomposed"].values()) + [results.get("reranked", {})])
   timing = _cached(os.path.join(workdir, "results", "timing.json"),
                    lambda: time_retrieval(workdir, runs, c1, plan), "timing")
   times["this_run"] = time.perf_counter() - t0
   fileio.write_json_atomic(os.path.join(workdir, "results", "stage_seconds.json"), times)
-  descriptions = {name: ABLATIONS[name][2] for name in plan.ablations}
-  descriptions[MAIN] = "stage-1 weights, bi-modal hard negatives (the paper's setting)"
-  descriptions["stage1_no_decomposition"] = "stage-1 weights used as a decomposed encoder, no stage 2"
-  report = report_lib.build_report(results, timing, times, runs, descriptions, main=MAIN)
-  report_lib.write_report(workdir, report, runs)
+  data = {"pretraining_corpus": {"images": int(plan.corpus_images), "captions_per_image": 5,
+                                 "seed": int(plan.corpus_seed), "generated_on_access": True,
+                                 "image_ids": f"from {demo_data.CorpusSource.FIRST_ID}"},
+          "downstream": {"train_images": int(plan.downstream_train), "test_images": int(plan.downstream_test),
+                         "captions_per_image": 5, "seed": int(c1.data.generate_seed)},
+          "how_they_differ": demo_data.CORPUS_VS_DOWNSTREAM}
+  report = report_lib.build_report(results, timing, times, runs, LABELS, main=MAIN, data=data,
+                                   bootstrap_samples=plan.bootstrap_samples)
+  report_lib.write_report(workdir, report, runs, scenes=demo_data.scenes_path(os.path.join(workdir, "data"),
+                                                                               c1.data.name))
   return report

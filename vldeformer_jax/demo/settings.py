@@ -49,7 +49,7 @@ def stage2_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.attention_probs_dropout_prob = 0.1
   c.data.data_dir = "runs/demo/data"
   c.data.name = "vldeformer_demo"
-  c.data.generate = "demo"
+  c.data.generate = "vldeformer_demo"  # generated under this name on first use
   # The demo's lengths, from its generator: captions <= 21 wordpieces with [CLS]/[SEP], tags <= 8, regions <= 6.
   # Padding to the paper's 35/35/70 (docs/method.md §3.2) would make most of every sequence padding (and of every step's time).
   c.data.max_text_len = 22

@@ -10,9 +10,11 @@ read it, so there is exactly one way to hand a model from one stage to the next:
     export.json         {"format": "vldeformer_jax.export", "version": 1, "fingerprint": sha256, "source": ...}
 
 Writes go to a temporary sibling directory that is renamed into place only when complete, so a failed or
-interrupted write never leaves a half-written EXPORT. The fingerprint (sha256 over sorted parameter paths,
-dtypes, shapes and bytes) lets a reader detect a corrupt or swapped parameter set and lets an index or an
-evaluation record exactly which weights produced it.
+interrupted write never leaves a half-written EXPORT. Reads restore onto the reading process's own devices
+whatever topology wrote the export (one device, eight, several processes): orbax records the writer's
+shardings, and `read_export` replaces them with the reader's. The fingerprint (sha256 over sorted
+parameter paths, dtypes, shapes and bytes) lets a reader detect a corrupt or swapped parameter set and lets
+an index or an evaluation record exactly which weights produced it.
 """
 from __future__ import annotations
 

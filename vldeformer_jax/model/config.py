@@ -12,6 +12,10 @@ from typing import Any
 
 POOLINGS = ("mean", "masked_mean", "cls")
 DTYPES = ("float32", "bfloat16")
+# Rematerialisation of the encoder layers in the backward pass (model/vldeformer.py, docs/method.md §4.6):
+# `none`; `full` (keep each layer's input only, recompute the rest); `dots` (keep every matmul output,
+# attention scores included); `dots_no_batch` (keep the weight matmuls' outputs, recompute attention).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +48,17 @@ class ModelConfig:
   max_regions: int = 70
   # Compute dtype; parameters always stay float32.
   dtype: str = "float32"
+  # Training memory only: what the backward pass keeps of each encoder layer (REMAT_POLICIES). Results and
+  # parameter names do not depend on it.
+  remat: str = "none"
 
   def __post_init__(self):
     if self.pooling not in POOLINGS:
       raise ValueError(f"model config field 'pooling' must be one of {POOLINGS}, got {self.pooling!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model config field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model config field 'remat' must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
           f"model config: hidden_size {self.hidden_size} is not divisible by "

@@ -134,13 +134,26 @@ class BertLayer(nn.Module):
     return BertResidualOutput(self.config, name="output")(inner, h, deterministic)
 
 
+# `ModelConfig.remat` -> the jax.checkpoint policy of each encoder layer (None: save nothing but the input).
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class BertLayerCollection(nn.Module):
+  """The encoder layers `layer/0`, `layer/1`, ...; with `config.remat` each one is wrapped in `nn.remat`,
+  which keeps the module (and so the parameter) names and recomputes the layer in the backward pass."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, h, bias, deterministic: bool):
+    layer = BertLayer
+    if self.config.remat != "none":  # argnum 3 is `deterministic` (0 is the module)
+      layer = nn.remat(BertLayer, static_argnums=(3,), policy=_REMAT_POLICIES[self.config.remat])
     for i in range(self.config.num_hidden_layers):
-      h = BertLayer(self.config, name=str(i))(h, bias, deterministic)
+      h = layer(self.config, name=str(i))(h, bias, deterministic)
     return h
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -35,6 +36,8 @@ from vldeformer_jax.io import files as fileio
 from vldeformer_jax.retrieval import gallery as gallery_lib
 from vldeformer_jax.retrieval import search
 from vldeformer_jax.retrieval.search import TopK, exact_topk  # noqa: F401  (public: the exact search)
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vldeformer_jax.index"
 VERSION = 1
@@ -213,14 +216,43 @@ def build_index(encoder, source, path: str, *, side: str = "images", compact: st
                      metadata=metadata, overwrite=overwrite)
 
 
+# A text query whose wordpieces are more than this fraction [UNK] is answered with a warning: its embedding
+# says little more than "unknown words" (emoji, scripts the vocabulary lacks).
+UNK_WARN_FRACTION = 0.5
+
+
+def text_query_warnings(tokenizer, text: str, max_text_len: int) -> list[str]:
+  """What a text query loses before it is embedded: wordpieces outside the vocabulary ([UNK]) when they are
+  most of it, and the wordpieces beyond the caption length (dropped). Raises ValueError on an empty text."""
+  if not text or not text.strip():
+    raise ValueError("the text query is empty (or only whitespace): there is nothing to search for")
+  pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+  found = []
+  if not pieces:
+    raise ValueError(f"the text query {text[:40]!r} has no wordpieces the tokenizer keeps: there is nothing to "
+                     "search for")
+  unk = sum(1 for p in pieces if p == tokenizer.unk_token_id)
+  if unk / len(pieces) > UNK_WARN_FRACTION:
+    found.append(f"{unk} of the {len(pieces)} wordpieces of the text query ({100 * unk / len(pieces):.0f}%) are "
+                    "[UNK], outside the model's vocabulary: the results say little about the text")
+  keep = max_text_len - 2  # [CLS] text [SEP]
+  if len(pieces) > keep:
+    found.append(f"the text query has {len(pieces)} wordpieces; the model reads the first {keep} "
+                    f"(max_text_len {max_text_len} with [CLS] and [SEP]): {len(pieces) - keep} dropped")
+  return found
+
+
 def query_index(index: Index, encoder, *, text: str | None = None, image_record: dict | None = None,
-                k: int = 10, export: str = "the encoder", exact: bool | None = None) -> list[dict]:
-  """Answers one text or image query from a stored index; refuses a foreign index. Rows of
-  {"rank", "score", "image_id", "text"}."""
+                k: int = 10, export: str = "the encoder", exact: bool | None = None, warn=None) -> list[dict]:
+  """Answers one text or image query from a stored index; refuses a foreign index and an empty text. Rows
+  of {"rank", "score", "image_id", "text"}. `warn(message)` receives what the text query loses (mostly
+  [UNK], truncated; `text_query_warnings`); default: logged as warnings."""
   index.check_fingerprint(encoder.fingerprint, export)
   if (text is None) == (image_record is None):
     raise ValueError("query_index: give exactly one of text= or image_record=")
   if text is not None:
+    for message in text_query_warnings(encoder.tokenizer, text, encoder.model_config.max_text_len):
+      (warn or log.warning)(message)
     q = encoder.embed_texts([text])
   else:
     q = encoder.embed_images([np.asarray(image_record["features"], np.float32)],
@@ -256,9 +288,17 @@ def run_build(export: str, data_dir: str, dataset: str, split: str, path: str, *
 
 def run_query(path: str, export: str, *, text: str | None = None, image_id: int | None = None, k: int = 10,
               data_dir: str | None = None, dataset: str | None = None, split: str | None = None,
-              exact: bool = False) -> list[dict]:
-  """`launch/index.py query`: checks the index first (cheap), then loads the export and answers."""
+              exact: bool = False, warn=None) -> list[dict]:
+  """`launch/index.py query`: checks the query and the index first (cheap), then loads the export and
+  answers. `warn`: see `query_index`."""
   from vldeformer_jax.io import export as export_lib
+  if (text is None) == (image_id is None):
+    raise ValueError("give exactly one of --text (a caption to search images or captions with) and --image_id "
+                     "(an image of --dataset/--split)")
+  if text is not None and not text.strip():
+    raise ValueError("--text is empty (or only whitespace): there is nothing to search for")
+  if k < 1:
+    raise ValueError(f"--k must be >= 1, got {k}")
   index = Index.load(path)
   # Refuse a foreign index before paying for the model: export.json holds the fingerprint.
   index.check_fingerprint(export_lib.read_metadata(export)["fingerprint"], f"export {export}")
@@ -274,4 +314,4 @@ def run_query(path: str, export: str, *, text: str | None = None, image_id: int 
     record = find_record(prepare.load_split(data_dir, dataset, split or index.meta.get("split", "test")),
                          image_id)
   return query_index(index, encoder, text=text, image_record=record, k=k, export=f"export {export}",
-                     exact=exact or None)
+                     exact=exact or None, warn=warn)

@@ -75,7 +75,8 @@ def export_checkpoint(workdir: str, which: str = "best", output: str | None = No
   mesh = parallel.make_mesh()
   ckpts = ckpt_lib.Checkpoints(directory, max_to_keep=None)
   try:
-    state, _, meta = ckpts.restore(step, state_lib.abstract_state(model_config, tx, mesh))
+    state, _, meta = ckpts.restore(step, state_lib.abstract_state(
+        model_config, tx, mesh, logit_bias=state_lib.initial_logit_bias(config)))
   finally:
     ckpts.close()
   _, export_path, _ = setup.model_config_from(config)

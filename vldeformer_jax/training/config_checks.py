@@ -82,11 +82,16 @@ def _dataset_errors(config) -> list[str]:
   if missing:
     return [f"config.data: {missing}"]
   splits = prepare.dataset_splits(d.data_dir, d.name) or {}
-  wanted = [("train_split", d.train_split)]
+  wanted = [] if _trains_elsewhere(config) else [("train_split", d.train_split)]
   if config.train.eval_every >= 0 and d.eval_split:
     wanted.append(("eval_split", d.eval_split))
   return [f"config.data.{field}: dataset {d.name!r} has no split {split!r} (it has: {', '.join(sorted(splits))})"
           for field, split in wanted if split not in splits]
+
+
+def _trains_elsewhere(config) -> bool:
+  """True when the training images do not come from `data.name`'s train split (a mixture, a corpus)."""
+  return bool(config.data.get("mixture") or config.data.get("corpus_size"))
 
 
 def length_errors(text_len: int, tag_len: int, positions: int, objective: str, where: str) -> list[str]:
@@ -127,6 +132,11 @@ def _objective_errors(config) -> list[str]:
     errors.append(f"config.loss.tau_plus: must be in [0, 1), got {lc.tau_plus}")
   if lc.chunk_size < 0:
     errors.append(f"config.loss.chunk_size: must be >= 0, got {lc.chunk_size}")
+  if lc.name == "sigmoid" and lc.chunk_size > 0:
+    errors.append(f"config.loss.chunk_size: {lc.chunk_size} has no effect on the sigmoid loss (it scores one "
+                  "device's block at a time); use 0")
+  if lc.name == "sigmoid" and not math.isfinite(float(lc.get("bias_init", 0.0))):
+    errors.append(f"config.loss.bias_init: must be finite, got {lc.bias_init}")
   if config.objective == "early_interaction":
     try:
       early_interaction.options(config)
@@ -200,7 +210,7 @@ def _model_errors(config) -> list[str]:
 def _contrastive_pool_is_split(config) -> str | None:
   """Why gradient accumulation would change this config's objective, or None when it would not."""
   if config.objective == "decompose":
-    return "the decomposition's InfoNCE pool would be each micro-batch, not the global batch"
+    return "the decomposition's contrastive pool would be each micro-batch, not the global batch"
   if config.objective == "early_interaction" and float(early_interaction.options(config)["itc_weight"]) > 0:
     return "the ITC term's in-batch pool would be each micro-batch, not the global batch"
   return None
@@ -220,15 +230,37 @@ def _batch_errors(config, device_count: int, process_count: int) -> list[str]:
     except ValueError:
       why = None  # the early_interaction options are reported by _objective_errors
     if why:
-      errors.append(f"config.train.grad_accum_steps: {accum} would change the objective: {why}; use 1 and "
-                    "a global batch that fits")
+      instead = ("train.micro_batch_size (gradient caching keeps the whole pool)" if config.objective == "decompose"
+                 else "1 and a global batch that fits")
+      errors.append(f"config.train.grad_accum_steps: {accum} would change the objective: {why}; it is for "
+                    f"non-contrastive objectives only; use {instead}")
   if g % process_count:
     errors.append(f"config.train.global_batch_size: {g} is not divisible by the {process_count} processes")
   if batch_shards and g % (batch_shards * accum):
     what = f"{batch_shards} batch shards (mesh data x fsdp)" + (f" x {accum} micro-batches" if accum > 1 else "")
     errors.append(f"config.train.global_batch_size: {g} is not divisible by the {what} = {batch_shards * accum}"
                   f" ({device_count} devices)")
-  return errors
+  return errors + _micro_batch_errors(config, g, accum, batch_shards, device_count)
+
+
+def _micro_batch_errors(config, g: int, accum: int, batch_shards: int | None, device_count: int) -> list[str]:
+  """`train.micro_batch_size` (gradient caching, training/grad_cache.py)."""
+  m = int(config.train.get("micro_batch_size", 0))
+  if m == 0:
+    return []
+  if m < 0:
+    return [f"config.train.micro_batch_size: must be >= 0 (0 = off), got {m}"]
+  if config.objective != "decompose":
+    return [f"config.train.micro_batch_size: {m}: gradient caching applies to objective 'decompose' only, not "
+            f"{config.objective!r}"]
+  if accum > 1:
+    return [f"config.train.micro_batch_size: {m} and config.train.grad_accum_steps {accum}: gradient caching "
+            "already splits the batch; set grad_accum_steps to 1"]
+  if batch_shards and g % (batch_shards * m):
+    return [f"config.train.micro_batch_size: {m} rows per device x {batch_shards} batch shards (mesh data x "
+            f"fsdp) = {batch_shards * m} does not divide config.train.global_batch_size {g} ({device_count} "
+            "devices)"]
+  return []
 
 
 def _schedule_errors(config) -> list[str]:
@@ -314,7 +346,7 @@ def _caption_count_errors(config, data) -> list[str]:
   except (OSError, ValueError):
     return []
   errors, checked = [], [("config.data.eval_split", d.eval_split)]
-  if not d.get("mixture"):  # a mixture trains on other datasets' splits
+  if not _trains_elsewhere(config):
     checked.insert(0, ("config.data.train_split", d.train_split))
   for field, split in checked:
     info = (meta.get("splits") or {}).get(split) or {}

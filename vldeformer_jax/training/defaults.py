@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.generate_num_train = 0  # with generate: training images (0 = the generator's default)
   c.data.generate_num_test = 0   # with generate: test images (0 = the generator's default)
   c.data.generate_seed = 0      # with generate: the dataset's seed (not the training seed, so runs share it)
+  c.data.corpus_size = 0       # > 0: train on a demo-world pre-training corpus of this many images, generated on
+                               # access (data/demo_world.CorpusSource; its world = data.generate_seed), not `name`
+  c.data.corpus_seed = 1       # its images' seed (disjoint from the prepared demo data of the same world)
   c.data.mixture = ""          # 'name_a:0.7,name_b:0.3': train on these datasets mixed by weight (data/mixture.py);
                                # evaluation stays on `name`. '' = train on `name` alone
   c.data.train_split = "train"
@@ -58,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.adam_b2 = 0.999
   c.train.adam_eps = 1e-8
   c.train.max_grad_norm = 1.0  # global L2 norm; 0 = no clipping
-  c.train.grad_accum_steps = 1  # micro-batches per step (each micro-batch is its own contrastive pool)
+  c.train.grad_accum_steps = 1  # micro-batches per step, each its own loss: non-contrastive objectives only
+  c.train.micro_batch_size = 0  # > 0: gradient caching, this many rows per device embedded at a time; the
+                                # loss and gradient stay the whole global pool's (objective 'decompose'); 0 = off
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.train.eval_every = 0       # 0: evaluate at the end only; -1: never
@@ -66,13 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoints = True
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "infonce"      # 'infonce' | 'hardness' | 'hinge' (objective 'decompose')
+  c.loss.name = "infonce"      # 'infonce' | 'hardness' | 'hinge' | 'sigmoid' (objective 'decompose')
   c.loss.temperature = 0.005   # spec 4.1: fixed, both directions
   c.loss.learnable_temperature = False  # learn log(temperature), initialised at `temperature`
   c.loss.beta = 0.0            # 'hardness': concentration (spec 4.3)
   c.loss.tau_plus = 0.0        # 'hardness': false-negative prior (spec 4.3)
   c.loss.margin = 0.2          # 'hinge'
   c.loss.chunk_size = 0        # > 0: rows of the logits in chunks (memory), same result
+  c.loss.bias_init = -10.0     # 'sigmoid': initial learnable logit bias (SigLIP; with temperature 0.1)
   c.loss.mlm_weight = 1.0      # objective 'early_interaction': weight of the MLM term
 
   c.early_interaction = ml_collections.ConfigDict()  # see training.early_interaction.DEFAULTS

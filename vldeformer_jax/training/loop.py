@@ -6,6 +6,11 @@ initialise (resume from the workdir's latest checkpoint, else an export, else ra
 then loop: one jitted, state-donating step per global batch (`training.step`), metrics to JSON lines /
 TensorBoard / tqdm, asynchronous checkpoints with the input pipeline's state, retrieval evaluation with the
 best checkpoint kept, and an export at the end.
+
+Faults: the run holds the workdir's lock (`io.workdir`: a second run on it stops at once) and first removes
+what an interrupted run left; a damaged latest checkpoint is moved aside and the previous one resumed
+(`io.checkpoint`); a run resumed at its final step (killed after its last checkpoint) finishes what the end
+of training does: the final evaluation and `best/` when missing, the export when missing or stale.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from tqdm import tqdm
 
 from vldeformer_jax import parallel
 from vldeformer_jax.io import checkpoint as ckpt_lib
+from vldeformer_jax.io import export as export_lib
+from vldeformer_jax.io import workdir as workdir_lib
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.model.vldeformer import VLDeformer
 from vldeformer_jax.training import config_checks
@@ -84,21 +91,51 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   Writes `workdir/checkpoints/<step>` (rolling), `workdir/best/<step>`, `workdir/metrics.jsonl`,
   `workdir/tensorboard/`, `workdir/curves.png`, `workdir/model_config.json` and `workdir/export` (the
-  final parameters in the export format). Raises `config_checks.ConfigError` before compiling anything
-  when the config is invalid.
+  final parameters in the export format), holding `workdir/LOCK` meanwhile. Raises
+  `config_checks.ConfigError` before compiling anything when the config is invalid (or does not fit the
+  data), `io.workdir.WorkdirLocked` when another run holds the workdir, and
+  `io.checkpoint.CheckpointRestoreError` when checkpoints exist but none restores.
   """
   workdir = os.path.abspath(workdir)
   config_checks.check(config, workdir=workdir)
-  primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.hold_workdir(workdir):
+    if jax.process_index() == 0:
+      workdir_lib.clean_stale(workdir)
+    if jax.process_count() > 1:
+      from orbax.checkpoint import multihost
+      multihost.sync_global_processes("vldeformer_workdir_cleaned")
+    return _train_and_evaluate(config, workdir)
+
+
+def _has_eval_record(metrics_path: str, step: int) -> bool:
+  return any(r.get("step") == step and r.get("split") == "eval" for r in metric_writers.read_metrics(metrics_path))
+
+
+def _export_is_current(path: str, params, step: int) -> bool:
+  """True when `path` is a complete export of exactly `params` written at `step`."""
+  try:
+    meta = export_lib.read_metadata(path)
+    if meta.get("step") != step or meta["fingerprint"] != export_lib.export_fingerprint(params):
+      return False
+    export_lib.read_export(path)  # the stored parameters match the fingerprint
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    log.info("export %s is not complete (%s): rewritten", path, e)
+    return False
+  return True
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  primary = jax.process_index() == 0
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
   log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   data = setup.open_data(config, workdir)
+  # Checked against the data before anything is written or compiled (a failed start leaves no model files).
+  config_checks.check_against_data(config, setup.initial_model(config, workdir, write=False).model_config, data)
   total_steps = setup.total_steps(config, len(data.train))
   init = setup.initial_model(config, workdir)  # model config + where the weights come from
   model_config: ModelConfig = init.model_config
-  config_checks.check_against_data(config, model_config, data)
   model = VLDeformer(model_config)
   tx, schedule = optim.make_optimizer(config.train, total_steps)
 
@@ -151,7 +188,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     ckpts.wait()
     final_step = int(jax.device_get(state.step))
     summary["final_step"] = final_step
-    summary["export"] = setup.write_final_export(workdir, state.params, model_config, init, final_step, config)
+    export_path = os.path.join(workdir, "export")
+    if start_step >= total_steps:  # resumed at the final step: finish what the end of training does
+      every = config.train.eval_every
+      if every >= 0 and data.eval is not None and (
+          not _has_eval_record(writer.path, final_step) or best.best_step is None):
+        log.info("resumed at the final step %d: the final evaluation is missing; running it", final_step)
+        results = evaluator.run(state.params, final_step)
+        if results is not None:
+          if not _has_eval_record(writer.path, final_step):
+            writer.write(final_step, evaluator.flat(results), split="eval")
+          best.update(final_step, evaluator.score(results), state, {"results": results})
+          summary["eval"] = results
+    if start_step < total_steps or not _export_is_current(export_path, state.params, final_step):
+      summary["export"] = setup.write_final_export(workdir, state.params, model_config, init, final_step, config)
+    else:
+      summary["export"] = export_path
     writer.flush()
     if primary:
       summary["curves"] = metric_writers.plot_curves(writer.path, os.path.join(workdir, "curves.png"),

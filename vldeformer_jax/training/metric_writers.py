@@ -4,7 +4,8 @@ Why not `clu.metric_writers`: it does not import without TensorFlow. tensorboard
 same event files without it. The JSON-lines file (`workdir/metrics.jsonl`, one `{"step": .., "split":
 .., name: value}` object per line) is the source of truth: tests and the PNG read it, and a resumed run
 first drops the lines of steps after its checkpoint so the file has each step once, as if the run had not
-been interrupted. Only process 0 writes; other processes get a writer that does nothing.
+been interrupted. Only process 0 writes; other processes get a writer that does nothing (and the workdir
+lock, `io.workdir`, keeps a second run out).
 """
 from __future__ import annotations
 
@@ -85,10 +86,16 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def truncate_after(path: str, step: int) -> None:
-  """Rewrites `path` (atomically) without the records of steps after `step`."""
+  """Rewrites `path` (atomically) without the records of steps after `step`, each (step, split) once (the
+  first record of it: a file written before runs took the workdir lock may hold a step twice)."""
   if not os.path.exists(path):
     return
-  kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+  kept, seen = [], set()
+  for r in read_metrics(path):
+    key = (r.get("step", 0), r.get("split", "train"))
+    if key[0] <= step and key not in seen:
+      seen.add(key)
+      kept.append(r)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     for r in kept:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # Model-config fields an export's config takes from `config.model` (everything else, the sizes, comes from
 # the export). The input lengths always come from `config.data`.
 EXPORT_OVERRIDES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "pooling", "projection_dim",
-                    "dtype")
+                    "dtype", "remat")
 MODEL_CONFIG_FILE = "model_config.json"
 VOCAB_FILE = "vocab.txt"
 TRAIN_CONFIG_FILE = "config.json"  # the training config of the latest start (what `checkpoint_export` reads)
@@ -78,7 +78,14 @@ def generate_demo(config, data_dir: str) -> None:
 
 def open_train_source(config, data_dir: str):
   """The training split of `config.data.name`, or of every dataset of `config.data.mixture` mixed by weight
-  (their region features must have one size; evaluation stays on `config.data.name`)."""
+  (their region features must have one size), or a generated demo-world corpus (`config.data.corpus_size`);
+  evaluation stays on `config.data.name`."""
+  if config.data.corpus_size:
+    corpus = demo_world.CorpusSource(int(config.data.corpus_size), seed=int(config.data.corpus_seed),
+                                     world_seed=int(config.data.generate_seed))
+    log.info("data: a generated pre-training corpus of %d demo-world images (seed %d, world %d)", len(corpus),
+             corpus.seed, corpus.world_seed)
+    return corpus
   if not config.data.mixture:
     return prepare.load_split(data_dir, config.data.name, config.data.train_split)
   parts = mixture.parse_mixture(config.data.mixture)
@@ -170,7 +177,8 @@ def initial_model(config, workdir: str, *, write: bool = True) -> Init:
     fileio.write_text_atomic(os.path.join(workdir, TRAIN_CONFIG_FILE), config.to_json_best_effort(indent=2))
   wanted, export_path, vocab = model_config_from(config)
   if os.path.exists(saved_config) and os.path.exists(saved_vocab):
-    saved = ModelConfig.from_json(saved_config, strict=True)
+    # Rematerialisation is a memory choice of this start, not part of the model: the config's wins.
+    saved = ModelConfig.from_json(saved_config, strict=True).replace(remat=wanted.remat)
     if saved != wanted:
       diff = {k: (v, getattr(wanted, k)) for k, v in saved.to_dict().items() if getattr(wanted, k) != v}
       log.warning("%s differs from the config (saved, config): %s; the saved one is used", saved_config, diff)
@@ -188,7 +196,8 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
   mc = init.model_config
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
   log_t0 = float(math.log(config.loss.temperature))
-  fresh = state_lib.fresh_state_fn(mc, log_t0, tx)
+  logit_bias = state_lib.initial_logit_bias(config)  # the sigmoid loss's, else None
+  fresh = state_lib.fresh_state_fn(mc, log_t0, tx, logit_bias)
   abstract = jax.eval_shape(fresh, init_rng)
   shardings = state_lib.state_shardings(abstract, mesh, tx)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
@@ -213,7 +222,8 @@ def initial_state(config, init: Init, tx, mesh, ckpts: ckpt_lib.Checkpoints):
              len(loaded), init.export_path, ex.fingerprint[:16], len(fresh_keys),
              f": {', '.join(fresh_keys)}" if fresh_keys else "")
     params = state_lib.put_sharded(params, shardings.params)
-    state = jax.jit(lambda p: state_lib.create_state(p, jnp.float32(log_t0), tx), out_shardings=shardings)(params)
+    state = jax.jit(lambda p: state_lib.create_state(p, jnp.float32(log_t0), tx, logit_bias),
+                    out_shardings=shardings)(params)
     return state, None, 0
 
   state = jax.jit(fresh, out_shardings=shardings)(init_rng)
