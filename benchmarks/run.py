@@ -28,7 +28,7 @@ flags.DEFINE_integer("contrastive_max_run", 16384,
 flags.DEFINE_string("from_json", "", "re-render the markdown from a results.json of an earlier run")
 flags.DEFINE_list("merge_json", [], "results.json files whose tables replace those of --from_json (e.g. tables "
                   "re-run separately with --tables)")
-flags.DEFINE_list("tables", ["peaks", "train_step", "ablations", "contrastive", "search", "encoder"],
+flags.DEFINE_list("tables", ["peaks", "train_step", "ablations", "contrastive", "search", "encoder", "pool"],
                   "which tables to run")
 
 
@@ -40,7 +40,7 @@ def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
   # --quick is a smoke test of every table and goal line, sized to finish in under 3 minutes on an idle
   # 2-core machine: matmul peaks at 2048^3; BERT-base widths with 1 layer (training step, ablations) or 2
   # (encoder rows) instead of 12; a contrastive pool of 1K pairs run (64K compiled only, as in the full
-  # run); the 100K gallery only; one repeat each.
+  # run); the 100K gallery only; one repeat each; the pool table at 1 layer, its 16 GiB batch predicted only.
   jobs = {
       "peaks": ("peaks", ["--repeats", "2", "--n", "2048"] if quick else ["--repeats", "5"]),
       "train_step": ("train_step", ["--repeats", "1", "--warmup", "1", "--layers", "1"] if quick
@@ -52,6 +52,7 @@ def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
       "search": ("search", ["--sizes", "100000" if quick else "100000,1000000",
                             "--repeats", "1" if quick else "2"]),
       "encoder": ("encoder_throughput", ["--repeats", "1" if quick else "2"] + (["--quick"] if quick else [])),
+      "pool": ("pool_memory", ["--quick"] if quick else []),
   }
   for name in tqdm([t for t in jobs if t in tables], desc="benchmarks", unit="table"):
     module, args = jobs[name]
@@ -74,7 +75,7 @@ def main(argv):
     for path in FLAGS.merge_json:
       with open(path) as f:
         extra = json.load(f)
-      for key in ("peaks", "train_step", "ablations", "contrastive", "search", "encoder"):
+      for key in ("peaks", "train_step", "ablations", "contrastive", "search", "encoder", "pool"):
         if key in extra:
           results[key] = extra[key]
           results.setdefault("durations", {})[key] = extra["durations"][key]

@@ -7,6 +7,12 @@
 Prints a table (i2t / t2i R@1/5/10, medr, rsum, mAP@R) and writes the JSON atomically. Protocols: full,
 coco5k, flickr1k (every image of the split), coco1k (mean of 5 folds of 1000 images, plus the `test_1k`
 key-file split when the dataset has it), all. Batches are sharded over every local device.
+
+  python launch/evaluate.py --export=runs/demo/export --suite=configs/suite_demo.json --output=runs/demo/suite.json
+
+--suite: several prepared datasets, each tagged scene | object, one protocol, instance and label metrics
+(vldeformer_jax/retrieval/suite.py); one JSON (--output) and its table beside it (.txt). A re-rank depth
+below the largest K reported is refused (exit 2) before anything is loaded.
 """
 import sys
 
@@ -22,6 +28,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "With --workdir: best | 
                                   "exported once to <workdir>/exports/<which>-<step>.")
 _ALLOW_UNTRAINED = flags.DEFINE_bool("allow_untrained_head", False, "Score pairs (re-ranking, cross-encoder, "
                                      "timing) even with a match head the export says was never trained.")
+_SUITE = flags.DEFINE_string("suite", None, "A suite file (JSON/YAML): evaluate every dataset it lists instead "
+                             "of --data_dir/--dataset (retrieval/suite.py).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir of the prepared dataset.")
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name (as given to launch/prepare_data.py).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
@@ -38,7 +46,6 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the
 _TIMING = flags.DEFINE_integer("timing_pairs", 0, "Also time decomposed vs early-interaction retrieval, the "
                                "latter on this many sampled pairs, extrapolated (retrieval/timing.py).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
-flags.mark_flags_as_required(["data_dir", "dataset"])
 flags.register_multi_flags_validator(["export", "workdir"], lambda f: (f["export"] is None) != (f["workdir"] is None),
                                      "give exactly one of --export and --workdir")
 
@@ -48,15 +55,26 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from vldeformer_jax.io.export import UntrainedHeadError
   from vldeformer_jax.retrieval import evaluate
+  from vldeformer_jax.retrieval import suite
   from vldeformer_jax.training import checkpoint_export
+  if _SUITE.value is None and not (_DATA_DIR.value and _DATASET.value):
+    raise app.UsageError("give --data_dir and --dataset, or --suite")
   try:
+    if _SUITE.value:  # the depth guard first: a refusal loads nothing
+      rerank = _RERANK.value if flags.FLAGS["rerank_top_k"].present else None
+      suite.check_rerank_depth(suite.load_suite(_SUITE.value)["rerank_top_k"] if rerank is None else rerank)
+      export = _EXPORT.value or checkpoint_export.export_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
+      suite.run_suite(export, _SUITE.value, output=_OUTPUT.value, rerank_top_k=rerank, batch_size=_BATCH.value,
+                      dtype=_DTYPE.value, allow_untrained_head=_ALLOW_UNTRAINED.value)
+      return
     export = _EXPORT.value or checkpoint_export.export_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
     evaluate.run_evaluation(export, _DATA_DIR.value, _DATASET.value, _SPLIT.value,
                             protocol=_PROTOCOL.value, rerank_top_k=_RERANK.value, cross_encoder=_CROSS.value,
                             output=_OUTPUT.value, batch_size=_BATCH.value, max_images=_MAX_IMAGES.value,
                             cross_max_images=_CROSS_MAX.value, dtype=_DTYPE.value,
                             timing_pairs=_TIMING.value, allow_untrained_head=_ALLOW_UNTRAINED.value)
-  except UntrainedHeadError as e:  # a refusal, not a failure: the user chose a flag this export cannot serve
+  except (UntrainedHeadError, suite.RerankDepthError) as e:  # a refusal, not a failure: a flag this export or
+    # this suite cannot serve
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except (FileNotFoundError, ValueError, KeyError) as e:

@@ -2,6 +2,7 @@ r"""Writes the synthetic demo dataset and prepares it as a tfds dataset (skipped
 
   python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data            # -> vldeformer_demo
   python launch/make_demo_data.py --vinvl_dir=/tmp/demo_vinvl                 # only the VinVL-format files
+  python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data --variant=object   # -> vldeformer_demo_objects
 
 Read it with `vldeformer_jax.data.prepare.load_split(data_dir, "vldeformer_demo", split)`; splits train,
 test and test_1k. See vldeformer_jax/data/demo.py for what the images and captions contain.
@@ -16,10 +17,13 @@ from vldeformer_jax.data import demo_world as demo
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "tfds data dir to prepare the demo dataset into.")
 flags.DEFINE_string("vinvl_dir", None, "Instead: only write the VinVL-format files into this new directory.")
-flags.DEFINE_string("name", demo.DEMO_NAME, "Dataset name.")
+flags.DEFINE_enum("variant", "scene", ["scene", "object"], "scene: 2-5 objects and relations per image; object: "
+                  "one object per image, captions about its colour and size (same world as seed's scene demo).")
+flags.DEFINE_string("name", None, f"Dataset name (default {demo.DEMO_NAME}, or {demo.OBJECT_DEMO_NAME} for "
+                    "--variant=object).")
 flags.DEFINE_integer("seed", 0, "Generator seed (the dataset is a deterministic function of it).")
-flags.DEFINE_integer("num_train", demo.DEFAULT_NUM_TRAIN, "Training images.")
-flags.DEFINE_integer("num_test", 1000, "Test images (test_1k holds 1000 of them).")
+flags.DEFINE_integer("num_train", None, f"Training images (default {demo.DEFAULT_NUM_TRAIN}; object: 600).")
+flags.DEFINE_integer("num_test", None, "Test images (default 1000, test_1k holds 1000 of them; object: 200).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same name.")
 
 
@@ -29,11 +33,17 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if bool(FLAGS.data_dir) == bool(FLAGS.vinvl_dir):
     raise app.UsageError("give exactly one of --data_dir and --vinvl_dir")
+  obj = FLAGS.variant == "object"
+  num_train = FLAGS.num_train or (600 if obj else demo.DEFAULT_NUM_TRAIN)
+  num_test = FLAGS.num_test or (200 if obj else 1000)
+  name = FLAGS.name or (demo.OBJECT_DEMO_NAME if obj else demo.DEMO_NAME)
   if FLAGS.vinvl_dir:
-    print(demo.write_demo_vinvl(FLAGS.vinvl_dir, FLAGS.seed, FLAGS.num_train, FLAGS.num_test))
+    write = demo.write_object_demo_vinvl if obj else demo.write_demo_vinvl
+    print(write(FLAGS.vinvl_dir, FLAGS.seed, num_train, num_test))
   else:
-    print(demo.prepare_demo(FLAGS.data_dir, FLAGS.seed, num_train=FLAGS.num_train, num_test=FLAGS.num_test,
-                            name=FLAGS.name, overwrite=FLAGS.overwrite))
+    prep = demo.prepare_object_demo if obj else demo.prepare_demo
+    print(prep(FLAGS.data_dir, FLAGS.seed, num_train=num_train, num_test=num_test, name=name,
+               overwrite=FLAGS.overwrite))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from vldeformer_jax.model.inputs import load_tokenizer
 from tolerances import assert_within, gamma
 
 FILES = ("features.tsv", "features.lineidx", "imageid2idx.json", "predictions.tsv", "predictions.lineidx",
-         "train_captions.json", "test_captions.json", "test_img_keys.tsv", "test_img_keys_1k.tsv")
+         "train_captions.json", "test_captions.json", "test_img_keys.tsv", "test_img_keys_1k.tsv", "scenes.json")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,11 @@ def test_prepare_demo_goes_through_prepare_and_skips_when_complete(tmp_path, mon
   assert sizes == {"train": 40, "test": 12, "test_1k": 12}
   rec = prepare.load_split(data_dir, demo.DEMO_NAME, "train")[0]
   assert rec["features"].shape[1] == demo.FEATURE_DIM and len(rec["captions"]) == 5
-  assert sorted(os.listdir(data_dir)) == [demo.DEMO_NAME]  # the scratch VinVL files are gone
+  # The scratch VinVL files are gone; the scene descriptions (for drawing images) stay beside the dataset.
+  assert sorted(os.listdir(data_dir)) == sorted([demo.DEMO_NAME, os.path.basename(demo.scenes_path(data_dir, demo.DEMO_NAME))])
+  with open(demo.scenes_path(data_dir, demo.DEMO_NAME)) as f:
+    scenes = json.load(f)
+  assert len(scenes) == 52 and all(1 <= len(objs) <= 5 for objs in scenes.values())
 
   def fail(*a, **k):
     raise AssertionError("regenerated a complete demo dataset")

@@ -180,10 +180,10 @@ REMAT_ROWS = 32
 # pool_memory.py does); GPU and TPU keep the barriers. The child computes, per policy, the gradient of a
 # sum of sin(embedding) over a batch (dropout on) and XLA's planned temporaries.
 REMAT_CHILD = """
-import functools, json, sys
+import functools, json
 import jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, {tests!r})
 from test_grad_cache import REMAT_CFG, REMAT_ROWS
+from step_bounds import FAST_COMPILE
 from vldeformer_jax.model.config import REMAT_POLICIES
 from vldeformer_jax.model.vldeformer import VLDeformer, init_params
 rng = np.random.default_rng(0)
@@ -199,7 +199,7 @@ for policy in REMAT_POLICIES:
     emb = VLDeformer(cfg).apply({{"params": p}}, ids, np.ones_like(ids), mask, feats, deterministic=False,
                                 method=VLDeformer.embed, rngs={{"dropout": jax.random.key(1)}})
     return jnp.sum(jnp.sin(emb))
-  compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+  compiled = jax.jit(jax.grad(loss)).lower(params).compile(compiler_options=FAST_COMPILE)
   temps[policy] = int(compiled.memory_analysis().temp_size_in_bytes)
   for path, g in jax.tree_util.tree_flatten_with_path(jax.device_get(compiled(params)))[0]:
     out[policy + jax.tree_util.keystr(path)] = g
@@ -216,8 +216,9 @@ def test_remat_keeps_names_and_gradients_and_saves_memory(tmp_path):
     assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, other, params))
   tests = os.path.dirname(os.path.abspath(__file__))
   out = str(tmp_path / "grads.npz")
-  env = dict(os.environ, XLA_FLAGS="--xla_disable_hlo_passes=cse_barrier_expander", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", REMAT_CHILD.format(tests=tests, out=out)], env=env, cwd=os.path.dirname(tests),
+  env = dict(os.environ, XLA_FLAGS="--xla_disable_hlo_passes=cse_barrier_expander", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+  r = subprocess.run([sys.executable, "-c", REMAT_CHILD.format(out=out)], env=env, cwd=os.path.dirname(tests),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   temps = json.loads(r.stdout.strip().splitlines()[-1])

@@ -20,8 +20,8 @@ F32: a float32 result `got` against a reference `ref` computed in float64 (numpy
   order the errors of a chain of steps add up, which adds their lengths. So
   - n: the length of the longest chain of dependent roundings, i.e. the sum of the lengths of the
     reductions along it (a dot product, sum or mean of k terms counts k) plus 1 per elementwise operation
-    and `ELEMENTARY` per exp / log / tanh / erf / rsqrt / cos (XLA's and numpy's float32 versions are
-    accurate to within 4 ulp = 8 u); `transformer_depth` counts a BERT forward pass this way;
+    and `ELEMENTARY` per exp / log / tanh / erf / rsqrt / cos (taken as accurate to within 4 ulp = 8 u;
+    XLA's measured at most 5.2 u, for erf); `transformer_depth` counts a BERT forward pass this way;
   - scale: the magnitude the terms reach, stated by each test: 1 for a cosine of unit vectors or a tanh;
     1/T for logits cos/T; a tensor's largest reference magnitude `max_abs(ref)` where the result is well
     conditioned; and that times L for a result computed through a softmax of logits up to L in magnitude
@@ -44,6 +44,9 @@ BF16: bfloat16 compute against float32: dot products accumulate in float32 and e
   in bfloat16 is one rounding (u = 2^-8), so a chain of m stored intermediates moves a result by at most
   gamma(m, 2^-8) times its magnitude (and a vector's cosine to the float32 one by at most delta^2 / 2).
 
+A test that carries a bound through further steps (an AdamW update, a quantisation, a cosine of two
+vectors with bounded errors) derives it from these rules in a comment and checks it with `assert_within`.
+
 RANKS: discrete results computed from float32 scores (argmax accuracies, ranks, top-k indices, recall)
   are compared exactly only where the reference scores that decide them are further apart than twice
   the bound B on the scores' errors (`assert_gaps_exceed`), since otherwise one rounding could legally
@@ -53,12 +56,12 @@ RANKS: discrete results computed from float32 scores (argmax accuracies, ranks, 
 
 Each bound must still catch a real bug: a wrong gradient, a missing loss term, a wrong normalisation or
 mask moves results by O(1) relative, and a port error such as a wrong LayerNorm epsilon or the tanh
-approximation of GELU by >= 1e-4; the bounds here are below that for the sizes the tests use, and each
-test that could come close says so.
+approximation of GELU by ~3e-4 to 1e-3 (measured on the parity model). The worst-case bounds here are far
+above the errors one machine shows (typically 10^2 to 10^4 times), but for the tiny models most tests use
+(gamma(~900) ~ 5e-5) they stay below those bug sizes; where a chain is so long that they do not (the
+6-layer MiniLM parity, bfloat16), the test says what it still catches.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -140,14 +143,6 @@ def assert_gaps_exceed(scores, bound: float, *, axis: int = -1, what: str = "sco
   s = np.sort(np.moveaxis(np.asarray(scores, np.float64), axis, -1), axis=-1)
   gap = float(np.min(s[..., -1] - s[..., -2]))
   assert gap > bound, f"{what}: smallest top-1 gap {gap:.3e} is within the rounding bound {bound:.3e}"
-
-
-def assert_separated(values, bound: float, what: str = "values") -> None:
-  """All pairs of `values` (1-d) differ by more than `bound`: their order cannot flip under errors below
-  bound / 2 each."""
-  v = np.sort(np.asarray(values, np.float64).ravel())
-  gap = float(np.min(np.diff(v))) if v.size > 1 else math.inf
-  assert gap > bound, f"{what}: two values {gap:.3e} apart, within the rounding bound {bound:.3e}"
 
 
 def transformer_depth(*, hidden: int, intermediate: int, layers: int, seq_len: int, heads: int,

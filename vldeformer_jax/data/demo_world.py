@@ -401,3 +401,125 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The object-centric variant (issue 17): one object per image, captions about that object's fine attributes.
+# Same world (the prototypes of `seed`), so a model trained on the scene-centric demo is evaluated on it as
+# is, like models trained on COCO are evaluated on fine-grained object-centric sets.
+
+OBJECT_DEMO_NAME = "vldeformer_demo_objects"
+OBJECT_GENERATOR_VERSION = 1
+_OBJECT_TEMPLATES = ("a photo of {a_full}", "{a_colour}", "the {cls} is {colour}", "a picture of {a_size}",
+                     "there is {a_full}", "{a_full}", "the {cls} is {size}")
+
+
+def _object_captions(rng, o: _Obj, n: int = 5) -> list[str]:
+  """Five distinct captions about one object: its class with colour and/or size words."""
+  colour, cls = COLOURS[o.colour], CLASSES[o.cls]
+  out = []
+  for t in rng.permutation(len(_OBJECT_TEMPLATES)):
+    size = str(rng.choice(SIZE_WORDS[SIZES[o.size]]))
+    out.append(_OBJECT_TEMPLATES[int(t)].format(
+        a_full=_article(f"{size} {colour} {cls}"), a_colour=_article(f"{colour} {cls}"),
+        a_size=_article(f"{size} {cls}"), cls=cls, colour=colour, size=size))
+    if len(out) == n:
+      break
+  return out
+
+
+def _object_images(rng, image_ids, classes=None) -> list[_Image]:
+  """Groups of 2-4 images of one class that differ in colour or size (fine-grained), one object each,
+  seen by the detector as exactly one region (no misses, no false alarms)."""
+  images = []
+  while len(images) < len(image_ids):
+    cls = int(rng.integers(len(CLASSES))) if classes is None else int(classes[int(rng.integers(len(classes)))])
+    seen = set()
+    for _ in range(min(int(rng.integers(2, 5)), len(image_ids) - len(images))):
+      o = _new_obj(rng, cls, int(rng.integers(9)))
+      while (o.colour, o.size) in seen:  # members of a group differ in colour or size
+        o.colour, o.size = int(rng.integers(len(COLOURS))), int(rng.integers(2))
+      seen.add((o.colour, o.size))
+      w, h = int(rng.integers(480, 641)), int(rng.integers(360, 481))
+      images.append(_Image(int(image_ids[len(images)]), w, h, [o], [o], _object_captions(rng, o)))
+  return images
+
+
+def _class_indices(classes) -> list[int] | None:
+  if classes is None:
+    return None
+  unknown = [c for c in classes if c not in CLASSES]
+  if unknown or not classes:
+    raise ValueError(f"object demo classes must be a non-empty subset of the demo's CLASSES; unknown: {unknown}")
+  return [CLASSES.index(c) for c in classes]
+
+
+def write_object_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = 600, num_test: int = 200,
+                            classes=None) -> dict:
+  """The object-centric demo in the VinVL layout (the files of `write_demo_vinvl`); deterministic in `seed`,
+  sharing the world prototypes of `seed` with the scene-centric demo. `out_dir` must not exist. `classes`:
+  only objects of these class names (a task of a class-incremental sequence); default all."""
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"{out_dir} already exists")
+  if num_train < 1 or num_test < 1:
+    raise ValueError(f"num_train ({num_train}) and num_test ({num_test}) must be positive")
+  protos = _prototypes(np.random.default_rng(seed))  # the scene demo's first draw: the same world
+  rng = np.random.default_rng([seed, 17])
+  ids = rng.choice(np.arange(1_000_000, 2_000_000), size=num_train + num_test, replace=False)
+  cls = _class_indices(classes)
+  train, test = _object_images(rng, ids[:num_train], cls), _object_images(rng, ids[num_train:], cls)
+  everything = train + test
+  tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+  os.makedirs(tmp)
+  try:
+    _write_tsv(os.path.join(tmp, "features.tsv"), (
+        [str(i.image_id).encode(), b"1", base64.b64encode(_region_features(seed, protos, i).astype("<f4").tobytes())]
+        for i in everything))
+    _write_tsv(os.path.join(tmp, "predictions.tsv"), (
+        [str(i.image_id).encode(), json.dumps({"objects": [
+            {"class": CLASSES[o.cls], "rect": [round(v, 2) for v in _box(o, i.width, i.height)], "conf": 0.9}
+            for o in i.regions], "image_h": i.height, "image_w": i.width}).encode()] for i in everything))
+    with open(os.path.join(tmp, "imageid2idx.json"), "w") as f:
+      json.dump({str(i.image_id): r for r, i in enumerate(everything)}, f)
+    for split, imgs in (("train", train), ("test", test)):
+      with open(os.path.join(tmp, f"{split}_captions.json"), "w") as f:
+        json.dump({str(i.image_id): i.captions for i in imgs}, f)
+    with open(os.path.join(tmp, SCENES_FILE), "w") as f:
+      json.dump({str(i.image_id): scene_description(i) for i in everything}, f)
+    with open(os.path.join(tmp, "test_img_keys.tsv"), "w") as f:
+      f.write("".join(f"{i.image_id}\n" for i in test))
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {"dir": out_dir, "num_train": num_train, "num_test": num_test, "num_regions": len(everything),
+          "feature_dim": FEATURE_DIM}
+
+
+def prepare_object_demo(data_dir: str, seed: int = 0, *, num_train: int = 600, num_test: int = 200,
+                        name: str = OBJECT_DEMO_NAME, overwrite: bool = False, classes=None) -> str:
+  """`write_object_demo_vinvl` + `prepare_vinvl` into `<data_dir>/<name>` (beside the scene-centric demo);
+  returns `name`; skipped when that dataset exists with the same parameters."""
+  from vldeformer_jax.data import prepare  # tfds is only needed here
+  want = {"variant": "object", "seed": int(seed), "num_train": int(num_train), "num_test": int(num_test),
+          "generator_version": OBJECT_GENERATOR_VERSION}
+  if classes is not None:
+    want["classes"] = list(classes)
+  meta = prepare.read_metadata(data_dir, name)
+  if meta is not None and not overwrite:
+    if meta.get("demo") == want:
+      return name
+    raise FileExistsError(f"{prepare.dataset_dir(data_dir, name)} holds another dataset ({meta.get('demo')}"
+                          f", wanted {want}): use another data_dir or name, or overwrite=True")
+  os.makedirs(data_dir, exist_ok=True)
+  scratch = tempfile.mkdtemp(prefix=".demo-objects-", dir=data_dir)
+  try:
+    vinvl_dir = os.path.join(scratch, "vinvl")
+    write_object_demo_vinvl(vinvl_dir, seed, num_train, num_test, classes)
+    fileio.copy_file_atomic(os.path.join(vinvl_dir, SCENES_FILE), scenes_path(data_dir, name))
+    prepare.prepare_vinvl(vinvl_dir, vinvl_dir, name, data_dir, overwrite=overwrite,
+                          description=f"VLDeformer object-centric demo (seed {seed}), see "
+                          "vldeformer_jax/data/demo_world.py", extra_metadata={"demo": want})
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  return name

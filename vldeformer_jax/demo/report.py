@@ -176,8 +176,9 @@ def _plot_recall(report: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   curves = report.get("recall_vs_steps") or {}
-  fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(19 if curves else 14, 4.4),
-                           gridspec_kw={"width_ratios": [1, 1.5, 1] if curves else [1, 1.5]})
+  fig = plt.figure(figsize=(12, 8))
+  grid = fig.add_gridspec(2, 2, height_ratios=[1, 1])
+  axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, :]), fig.add_subplot(grid[0, 1])]
   drop = report["avg_recall_drop"]
   names = ["cross-encoder\n(stage 1)", "decomposed\n(VLDeformer)"]
   vals = [report["avg_recall_cross_encoder"], report["avg_recall_decomposed"]]
@@ -207,7 +208,9 @@ def _plot_recall(report: dict, path: str) -> None:
   for label, curve in curves.items():
     if curve:
       axes[2].plot(*zip(*curve), marker="o", label=label.replace(", no hard negatives", ""))
-  if curves:
+  if not curves:
+    axes[2].axis("off")
+  else:
     axes[2].set_xlabel("decomposition steps on the downstream train split")
     axes[2].set_ylabel("average recall, full test split")
     axes[2].set_title("does the pre-trained start stay ahead?", fontsize=10)
@@ -299,10 +302,10 @@ def _markdown(report: dict) -> str:
     lines.append(f"| {a['label']} | {a['train_steps'] or '-'} | {a['train_batch'] or '-'} | "
                  f"{a['avg_recall_full']:.2f} | [{a['avg_recall_full_ci95'][0]:.2f}, {a['avg_recall_full_ci95'][1]:.2f}] "
                  f"| {a['rsum_full']:.1f} | {secs} |")
-  lines += ["", "| question | difference (avg recall points) | 95% interval |", "|---|---|---|"]
-  for d in report["ablation_differences"]:
-    lines.append(f"| {d['question']} | {d['avg_recall_difference']:+.2f} | {_ci(d['ci95'])} |")
   if report["ablation_differences"]:
+    lines += ["", "| question | difference (avg recall points) | 95% interval |", "|---|---|---|"]
+    lines += [f"| {d['question']} | {d['avg_recall_difference']:+.2f} | {_ci(d['ci95'])} |"
+              for d in report["ablation_differences"]]
     lines += ["", f"Intervals: {report['ablation_differences'][0]['method']}."]
   fine = {a["label"]: a["fine_grained"] for a in report["ablations"].values() if a.get("fine_grained")}
   if fine:

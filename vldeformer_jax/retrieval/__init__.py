@@ -5,6 +5,8 @@ and the decomposed-vs-early-interaction speed comparison.
   gallery.py    a split as a gallery: ids and captions in record order, embedded once
   metrics.py    ranks, R@K, medr, rsum, mAP@R from one similarity matrix; COCO 5K / 1K / Flickr 1K
   evaluate.py   evaluate(encoder, split) / evaluate_cross_encoder / re-ranking; run_evaluation (CLI)
+  label_metrics.py  label-based mAP@all / @K / @R (relevant = shares a label)
+  suite.py      one model over several datasets tagged scene / object: one JSON + one table
   search.py     exact_topk / search_codes: chunked, blocked, device-sharded top-k in JAX; int8 / 1-bit codes
   index.py      build, store (atomically, with the export fingerprint) and query an embedding index
   timing.py     compare(...): full retrieval time of both models, at COCO-5K size, against gallery size

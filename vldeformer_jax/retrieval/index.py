@@ -11,6 +11,13 @@ JAX, optionally compact int8 / 1-bit codes with the shortlist re-scored in float
     ids.npy          int64 [N]: the image_id of each row
     texts.json       what each row is: the tags (images) or the caption text (captions)
     codes.npy        int8 [N, D] (+ scales.npy float32 [N]) or uint8 [N, D/8]: only for a compact index
+    entry_encoders.npy  int32 [N]: per entry, its encoder's position in meta["encoders"] (the fingerprints of
+                     every export that encoded an entry); absent in older indexes (every entry: "fingerprint")
+
+Continual indexing (`add_items`): items encoded by the encoder of every entry are appended; items encoded by
+another encoder are refused unless the policy is `keep` (old entries stay as they were encoded; the index's
+"fingerprint", the encoder queries must come from, becomes the new one) or `reindex` (every old entry is
+re-encoded with the new encoder).
 
 The directory is written under a temporary sibling and renamed, so an index that exists is complete. On
 load every file is checked against the sha256 in meta.json and its shape against `num`/`dim` (a corrupt
@@ -44,10 +51,16 @@ VERSION = 1
 META = "meta.json"
 SIDES = ("images", "captions")
 COMPACT = (None, "int8", "binary")
+ADD_POLICIES = (None, "keep", "reindex")
+ENTRY_ENCODERS = "entry_encoders.npy"
 
 
 class BadIndexError(ValueError):
   """A missing, corrupt, stale or foreign index (the message says which file and what to do)."""
+
+
+class EncoderMismatchError(BadIndexError):
+  """Items encoded by another encoder than the index's entries, added without a `keep` / `reindex` policy."""
 
 
 def _sha256(path: str) -> str:
@@ -60,8 +73,10 @@ def _sha256(path: str) -> str:
 
 def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequence[str], *,
                 fingerprint: str, side: str, compact: str | None = None, metadata: dict | None = None,
-                overwrite: bool = False) -> dict:
-  """Writes an index directory atomically from embeddings already computed; returns its meta.json."""
+                overwrite: bool = False, entry_fingerprints: Sequence[str] | None = None) -> dict:
+  """Writes an index directory atomically from embeddings already computed; returns its meta.json.
+
+  `entry_fingerprints`: the encoder of each entry (default: `fingerprint` for all)."""
   if side not in SIDES:
     raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
   if compact not in COMPACT:
@@ -70,6 +85,11 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
   ids = np.asarray(ids, np.int64)
   if emb.ndim != 2 or len(ids) != len(emb) or len(texts) != len(emb):
     raise ValueError(f"index: embeddings {emb.shape}, {len(ids)} ids and {len(texts)} texts do not match")
+  entry_fps = [fingerprint] * len(emb) if entry_fingerprints is None else [str(f) for f in entry_fingerprints]
+  if len(entry_fps) != len(emb):
+    raise ValueError(f"index: {len(entry_fps)} entry fingerprints for {len(emb)} embeddings")
+  encoders = sorted(set(entry_fps) | {fingerprint})
+  position = {f: i for i, f in enumerate(encoders)}
   path = os.path.abspath(path)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"index already exists: {path} (pass overwrite=True / --overwrite to replace it)")
@@ -78,7 +98,8 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
   tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   try:
-    arrays = {"embeddings.npy": emb, "ids.npy": ids}
+    arrays = {"embeddings.npy": emb, "ids.npy": ids,
+              ENTRY_ENCODERS: np.array([position[f] for f in entry_fps], np.int32).reshape(len(emb))}
     if compact == "int8":
       arrays["codes.npy"], arrays["scales.npy"] = search.quantize_int8(emb)
     elif compact == "binary":
@@ -90,6 +111,7 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
     files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(list(arrays) + ["texts.json"])}
     meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "side": side,
             "num": int(len(emb)), "dim": int(emb.shape[1]), "compact": compact, "files": files,
+            "encoders": encoders,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     meta.update({k: v for k, v in (metadata or {}).items() if k not in meta})
     fileio.write_json_atomic(os.path.join(tmp, META), meta)
@@ -110,6 +132,7 @@ class Index:
   texts: list[str]
   codes: np.ndarray | None = None
   scales: np.ndarray | None = None
+  entry_encoders: np.ndarray | None = None  # int32 [N] into meta["encoders"]; None: all meta["fingerprint"]
 
   @classmethod
   def load(cls, path: str, *, verify: bool = True) -> "Index":
@@ -161,11 +184,25 @@ class Index:
       codes, scales = arr("codes.npy", (n, d)), arr("scales.npy", (n,))
     elif meta.get("compact") == "binary":
       codes = arr("codes.npy", (n, -(-d // 8)))
-    return cls(path, meta, arr("embeddings.npy", (n, d)), arr("ids.npy", (n,)), texts, codes, scales)
+    entry_encoders = None
+    if ENTRY_ENCODERS in meta["files"]:
+      entry_encoders = np.asarray(arr(ENTRY_ENCODERS, (n,)))
+      if n and (entry_encoders.min() < 0 or entry_encoders.max() >= len(meta.get("encoders", []))):
+        raise BadIndexError(f"index {path}: {ENTRY_ENCODERS} points outside meta.json's encoders; rebuild it")
+    return cls(path, meta, arr("embeddings.npy", (n, d)), arr("ids.npy", (n,)), texts, codes, scales,
+               entry_encoders)
 
   @property
   def fingerprint(self) -> str:
     return self.meta["fingerprint"]
+
+  @property
+  def entry_fingerprints(self) -> list[str]:
+    """The fingerprint of the encoder of each entry."""
+    if self.entry_encoders is None:
+      return [self.fingerprint] * len(self.ids)
+    encoders = self.meta["encoders"]
+    return [encoders[int(i)] for i in self.entry_encoders]
 
   def check_fingerprint(self, fingerprint: str, export: str = "the encoder") -> None:
     """Refuses to answer queries embedded by weights other than those that built the index."""
@@ -186,6 +223,48 @@ class Index:
     short = search.search_codes(queries, self.codes, min(self.meta["num"], k * rescore_factor), kind=kind,
                                 scales=self.scales, dim=self.meta["dim"], mesh=mesh, chunk_size=chunk_size)
     return search.rescore(queries, self.embeddings, short.indices, k)
+
+
+def add_items(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequence[str], *, fingerprint: str,
+              policy: str | None = None, reencode=None) -> dict:
+  """Appends items encoded by the encoder `fingerprint` to the index at `path` (rewritten atomically);
+  returns the new meta.json.
+
+  When an entry of the index was encoded by another encoder the add is refused (`EncoderMismatchError`)
+  unless `policy` is `keep` (old entries stay as they were encoded, each with its own fingerprint) or
+  `reindex` (`reencode(ids, texts) -> [N_old, D]` re-encodes every old entry with the new encoder).
+  Either way the index's fingerprint (what queries must come from) becomes `fingerprint`.
+  """
+  if policy not in ADD_POLICIES:
+    raise ValueError(f"add policy must be one of {ADD_POLICIES}, got {policy!r}")
+  old = Index.load(path)
+  emb = np.asarray(embeddings, np.float32)
+  if emb.ndim != 2 or emb.shape[1] != old.meta["dim"]:
+    raise ValueError(f"index {old.path}: new embeddings have shape {emb.shape}, the index dim is {old.meta['dim']}")
+  old_fps = old.entry_fingerprints
+  old_emb = np.asarray(old.embeddings, np.float32)
+  foreign = sorted(set(old_fps) - {fingerprint})
+  if foreign and policy is None:
+    raise EncoderMismatchError(
+        f"index {old.path} holds entries encoded by {', '.join(f[:12] + '...' for f in foreign)}; the new items "
+        f"are encoded by {fingerprint[:12]}...: refused; add with policy 'keep' (old entries stay as encoded) "
+        f"or 'reindex' (re-encode every entry with the new encoder)")
+  if foreign and policy == "reindex":
+    if reencode is None:
+      raise ValueError("policy 'reindex' needs reencode(ids, texts) -> embeddings of the old entries")
+    old_emb = np.asarray(reencode(np.asarray(old.ids), list(old.texts)), np.float32)
+    if old_emb.shape != (len(old_fps), old.meta["dim"]):
+      raise ValueError(f"reencode returned shape {old_emb.shape}, expected {(len(old_fps), old.meta['dim'])}")
+    old_fps = [fingerprint] * len(old_fps)
+  keep_meta = {k: v for k, v in old.meta.items()
+               if k not in ("format", "version", "fingerprint", "side", "num", "dim", "compact", "files",
+                            "created", "encoders", "policy")}
+  if foreign:
+    keep_meta["policy"] = policy
+  return write_index(old.path, np.concatenate([old_emb, emb]), np.concatenate([np.asarray(old.ids), ids]),
+                     list(old.texts) + [str(t) for t in texts], fingerprint=fingerprint, side=old.meta["side"],
+                     compact=old.meta.get("compact"), metadata=keep_meta, overwrite=True,
+                     entry_fingerprints=old_fps + [fingerprint] * len(emb))
 
 
 # ------------------------------------------------------------------------------------------------------
