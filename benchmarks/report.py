@@ -202,7 +202,7 @@ def pool(p: dict) -> str:
   budgets = [b["budget_gib"] for b in variants["plain"]["budgets"]]
   head = ("| gradient caching | remat | " + " | ".join(f"largest pool at {b:g} GiB" for b in budgets)
           + " | memory per pair | step time | vs plain step |")
-  lines = [head, "|" + "---|" * (4 + len(budgets))]
+  lines = [head, "|" + "---|" * (5 + len(budgets))]
   plain = {b["budget_gib"]: b["batch"] for b in variants["plain"]["budgets"]}
   for name, (cache, remat) in _POOL_NAMES.items():
     v = variants[name]
@@ -218,13 +218,13 @@ def pool(p: dict) -> str:
                  f"{t['ratio'][name]:.2f}x |")
   out = "\n".join(lines) + "\n\n"
   out += (f"BERT-base in the VinVL shape (35 caption tokens; 35 tag tokens + 70 regions of 2054-d), {m['layers']} "
-          "layers, one device, float32, dropout 0.1, the gathered InfoNCE chunked by 256 rows, AdamW + clipping, the "
+          f"layer{'s' if m['layers'] > 1 else ''}, one device, float32, dropout 0.1, the gathered InfoNCE chunked by 256 rows, AdamW + clipping, the "
           "state donated; pool = global batch (no composed negatives). Memory = XLA's plan of the compiled train "
           "step (`compiled.memory_analysis()`: arguments + outputs - donated aliases + temporaries), found from "
           "two compiled probes per variant (the plan is affine in the batch) and the predicted batch compiled to "
           "check it fits; 'memory per pair' is the line's slope. Step times: medians of "
           f"{t['seconds']['plain']['n']} interleaved steps at batch {t['batch_size']} with BERT-base widths and "
-          f"{t['layers']} layers (gradient caching: {t['micro_batch_size']}-row micro-batches), as ratios to the "
+          f"{t['layers']} layer{'s' if t['layers'] > 1 else ''} (gradient caching: {t['micro_batch_size']}-row micro-batches), as ratios to the "
           f"plain step. Both run with `XLA_FLAGS={p.get('xla_flags', '')}`: XLA's CPU pipeline otherwise "
           "expands the barriers that keep a rematerialised forward apart and CSE merges it back, so remat "
           "would save nothing on CPU. With gradient caching the batch's own region features (575 KB a pair) "

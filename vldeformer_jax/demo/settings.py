@@ -4,7 +4,8 @@
 one small encoder: 4 layers, 128 wide (BERT-base shapes scaled down), 22 caption / 8 tag tokens, 6 regions,
 on the demo data prepared into tfds in `runs/demo/data` on first use. `configs/demo.py` and
 `configs/demo_stage1.py` return these, so `launch/train.py` runs either stage alone; `demo.job.run_demo`
-runs both and the ablations.
+runs both and the ablations, stage 1 on a generated pre-training corpus (`config.data.corpus_size`) and
+every decomposition on the prepared downstream set.
 
 Stage 1 trains a one-stream cross-encoder on `[CLS] caption [SEP] tags [SEP]` + regions (docs/method.md
 §2.2, §4.5): each positive pair matched against one random other image and one random other caption of the
@@ -15,18 +16,10 @@ single-modality [CLS] pooler outputs.
 
 Why the extra terms: from random weights the joint [CLS] state is nearly input-independent, and whether a
 caption matches an image is an interaction of the two, which the matching head cannot see until attention
-has learned to compare them. ITM + MLM alone sat at ln 2 for 400 steps (lr 1e-3 or 2e-3; with tied
-query/key initialisation too). Contrasting the pooler outputs teaches [CLS] to carry the content of each
-modality; ITM then leaves ln 2 after ~250 steps. Ranking the same logits (`rank_weight`) starts it sooner
-and trains a much better ranker in the same steps. Average recall of the cross-encoder on the first 64 test
-images (cross-encoder on every pair), measured:
-  batch 24, 1000 steps:  ITM + MLM + ITC 83.8 (73.0 at step 500; 24/24/10 lengths then); + rank 1: 91.2
-                         (87.5 at step 500)
-  batch 16,  900 steps (what fits the demo's 15 minutes): rank 1: 87.6; rank 2: 91.0
-VinVL needs none of this: it starts from BERT weights. Measured and left off here: the composed bi-modal
-hard negatives; hardest-by-embedding batch negatives for half the pairs (`hard_fraction=0.5`: 88.6 after
-800 steps against 90.9 at step 750 with random ones); the VinVL-style shared MLM pass
-(`mlm_pass='shared'`: the masked inputs cost the cross-encoder 27.5 against 50.2 after 500 steps).
+has learned to compare them: ITM + MLM alone stayed at ln 2 for hundreds of steps. Contrasting the pooler
+outputs teaches [CLS] to carry the content of each modality, and ranking the same logits (`rank_weight`)
+starts ITM sooner and trains a better ranker in the same steps. VinVL needs none of this: it starts from
+BERT weights. What each run of the demo measures is in its report (docs/demo/report.md), not here.
 """
 from __future__ import annotations
 
