@@ -211,7 +211,8 @@ def pool(p: dict) -> str:
       mark = "" if b["compiled"] else " (predicted)"
       times = f", {b['batch'] / plain[b['budget_gib']]:.0f}x" if name != "plain" else ""
       cells.append(f"{b['batch']:,}{mark}{times}")
-    per_row = _gib(v["budgets"][0]["bytes_per_row"])
+    slope = v["budgets"][0]["bytes_per_row"]
+    per_row = _gib(slope) if slope >= 10 * 2**20 else f"{slope / 2**20:.2f} MiB"
     sec = t["seconds"][name]
     cache_cell = f"{cache} ({m['micro_batch_size']} rows)" if cache == "on" else cache
     lines.append(f"| {cache_cell} | {remat} | " + " | ".join(cells) + f" | {per_row} | {_s(sec['median'])} | "

@@ -5,7 +5,8 @@
   setup.py             data, the init order, the input iterator, the final export
   state.py             TrainState, its shardings and its abstract (restore-anywhere) form
   optim.py             AdamW, warm-up + cosine, decay masks
-  losses.py            gathered contrastive losses, match and MLM cross-entropies
+  losses.py            gathered contrastive losses, the ring sigmoid loss, match and MLM cross-entropies
+  grad_cache.py        gradient caching: the full-pool gradient, micro-batch by micro-batch
   decompose.py         stage 2: the decomposition objective
   early_interaction.py stage 1: the early-interaction objective (ITM, MLM, ranking, ITC)
   step.py              the jitted train step for either objective
