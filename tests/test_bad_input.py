@@ -1,4 +1,4 @@
-"""Bad input to the launchers: one clear line and a non-zero exit, never a traceback (issue 14).
+"""Bad input to the launchers: one clear line and a non-zero exit, never a traceback.
 
 - index queries that mean nothing: an empty or whitespace text is refused, neither --text nor --image_id
   names the flags, a text mostly outside the vocabulary ([UNK]) is answered with a warning naming the

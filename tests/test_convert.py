@@ -280,7 +280,7 @@ def test_corrupt_safetensors_and_missing_vocab(params, tmp_path):
 
 
 def test_bert_base_backbone_size_matches_spec():
-  """Spec 2.4: the VinVL BERT-base backbone (`bert.*`, image Linear + LayerNorm included) has 111,062,016
+  """docs/method.md §1.3: the VinVL BERT-base backbone (`bert.*`, image Linear + LayerNorm included) has 111,062,016
   parameters; the Oscar key count is 5 embedding tensors + 16 per layer + pooler 2 + regions 4."""
   shapes = convert.expected_shapes(ModelConfig())
   backbone = {k: v for k, v in shapes.items() if k.startswith("bert/")}

@@ -11,7 +11,7 @@
 - the export of the 8-device run loads in a fresh 1-device process (tests/export_worker.py) with the
   writer's parameters, bit for bit, and its embeddings.
 
-Faults (issue 14), each with the line printed, the exit status and what is on disk afterwards:
+Faults, each with the line printed, the exit status and what is on disk afterwards:
 - two runs started at once on one workdir: one trains to the end with the lone run's result, the other
   exits 2 at once naming the holder;
 - a damaged latest checkpoint is moved aside and the previous one resumed, ending with the lone run's

@@ -404,7 +404,7 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
 
 
 # ------------------------------------------------------------------------------------------------------
-# The object-centric variant (issue 17): one object per image, captions about that object's fine attributes.
+# The object-centric variant: one object per image, captions about that object's fine attributes.
 # Same world (the prototypes of `seed`), so a model trained on the scene-centric demo is evaluated on it as
 # is, like models trained on COCO are evaluated on fine-grained object-centric sets.
 

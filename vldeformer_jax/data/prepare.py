@@ -187,6 +187,65 @@ def _shard_size(features: vinvl.VinvlFeatures, shard_bytes: int) -> int:
   return max(1, int(shard_bytes // max(per_image, 1)))
 
 
+def _check_every_image_has_features(plans, source, captions_dir: str) -> int:
+  """Refuses (naming the split, file and first images) any captioned image without features; returns the
+  region feature size F, read from the first image (it fixes F for the whole run when inferred)."""
+  for plan in plans:
+    missing = source.missing(plan.image_ids)
+    if missing:
+      raise vinvl.VinvlFormatError(
+          f"{len(missing)} image(s) of split {plan.name!r} have captions in {plan.captions_file} but no "
+          f"features: not in {source.imageid2idx_path}; first: image {missing[0]}"
+          + (f" (also {missing[1:6]})" if len(missing) > 1 else ""))
+  first = next((p.image_ids[0] for p in plans if p.image_ids), None)
+  if first is None:
+    raise ValueError(f"no images in splits {[p.name for p in plans]} of {captions_dir}")
+  return int(source.region_features(first).shape[1])
+
+
+def _dataset_info(name: str, tmp: str, plans, feature_dim: int, captions_dir: str, features_dir: str,
+                  description: str | None, extra_metadata: dict | None) -> tfds.core.DatasetInfo:
+  """The tfds DatasetInfo of the prepared dataset, with the provenance of every split in its metadata."""
+  metadata = {
+      "feature_dim": int(feature_dim),
+      "splits": {p.name: {"num_images": len(p.image_ids),
+                          "num_captions": int(sum(len(p.captions[i]) for i in p.image_ids)),
+                          "captions_file": os.path.abspath(p.captions_file),
+                          "order_file": os.path.abspath(p.order_file)} for p in plans},
+      "features_dir": os.path.abspath(features_dir),
+      "writer": "vldeformer_jax.data.prepare",
+      **(extra_metadata or {}),
+  }
+  return tfds.core.DatasetInfo(
+      builder=dataset_info_lib.DatasetIdentity(
+          name=name, version=tfds.core.Version(VERSION), data_dir=tmp, module_name=__name__),
+      description=description or f"VinVL region features, detector tags and captions from "
+                                 f"{os.path.abspath(features_dir)} and {os.path.abspath(captions_dir)}.",
+      features=record_features(feature_dim),
+      disable_shuffling=True,  # keep the key-file / captions-file order
+      metadata=tfds.core.MetadataDict(metadata),
+  )
+
+
+def _write_splits(info, plans, source, name: str, shard_bytes: int) -> None:
+  """Streams every split's records into array_record shards, `_WRITE_BATCH` images at a time."""
+  writer = sequential_writer.SequentialWriter(info, max_examples_per_shard=_shard_size(source, shard_bytes),
+                                              file_format="array_record")
+  writer.initialize_splits([p.name for p in plans])
+  for plan in plans:
+    batch = []
+    for image_id in tqdm(plan.image_ids, desc=f"{name}/{plan.name}", unit="img", mininterval=2.0):
+      batch.append({"image_id": image_id, "features": source.region_features(image_id),
+                    "tags": source.tags(image_id), "captions": plan.captions[image_id]})
+      if len(batch) >= _WRITE_BATCH:
+        writer.add_examples({plan.name: batch})
+        batch = []
+    if batch:
+      writer.add_examples({plan.name: batch})
+    writer.close_splits([plan.name])
+    log.info("split %s: %d images written", plan.name, len(plan.image_ids))
+
+
 def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str, *,
                   splits: Sequence[str] = ("train", "test"), feature_dim: int | None = None,
                   overwrite: bool = False, shard_bytes: int = 256 << 20, description: str | None = None,
@@ -208,53 +267,10 @@ def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str
   created_name_dir = not os.path.isdir(name_dir)
   tmp = os.path.join(name_dir, f".incomplete-{VERSION}-{uuid.uuid4().hex[:8]}")
   try:
-    for plan in plans:
-      missing = source.missing(plan.image_ids)
-      if missing:
-        raise vinvl.VinvlFormatError(
-            f"{len(missing)} image(s) of split {plan.name!r} have captions in {plan.captions_file} but no "
-            f"features: not in {source.imageid2idx_path}; first: image {missing[0]}"
-            + (f" (also {missing[1:6]})" if len(missing) > 1 else ""))
-    first = next((p.image_ids[0] for p in plans if p.image_ids), None)
-    if first is None:
-      raise ValueError(f"no images in splits {[p.name for p in plans]} of {captions_dir}")
-    feature_dim = source.region_features(first).shape[1]  # fixes F for the whole run (if inferred)
+    feature_dim = _check_every_image_has_features(plans, source, captions_dir)
     os.makedirs(tmp)
-    metadata = {
-        "feature_dim": int(feature_dim),
-        "splits": {p.name: {"num_images": len(p.image_ids),
-                            "num_captions": int(sum(len(p.captions[i]) for i in p.image_ids)),
-                            "captions_file": os.path.abspath(p.captions_file),
-                            "order_file": os.path.abspath(p.order_file)} for p in plans},
-        "features_dir": os.path.abspath(features_dir),
-        "writer": "vldeformer_jax.data.prepare",
-        **(extra_metadata or {}),
-    }
-    info = tfds.core.DatasetInfo(
-        builder=dataset_info_lib.DatasetIdentity(
-            name=name, version=tfds.core.Version(VERSION), data_dir=tmp, module_name=__name__),
-        description=description or f"VinVL region features, detector tags and captions from "
-                                   f"{os.path.abspath(features_dir)} and {os.path.abspath(captions_dir)}.",
-        features=record_features(feature_dim),
-        disable_shuffling=True,  # keep the key-file / captions-file order
-        metadata=tfds.core.MetadataDict(metadata),
-    )
-    per_shard = _shard_size(source, shard_bytes)
-    writer = sequential_writer.SequentialWriter(info, max_examples_per_shard=per_shard,
-                                                file_format="array_record")
-    writer.initialize_splits([p.name for p in plans])
-    for plan in plans:
-      batch = []
-      for image_id in tqdm(plan.image_ids, desc=f"{name}/{plan.name}", unit="img", mininterval=2.0):
-        batch.append({"image_id": image_id, "features": source.region_features(image_id),
-                      "tags": source.tags(image_id), "captions": plan.captions[image_id]})
-        if len(batch) >= _WRITE_BATCH:
-          writer.add_examples({plan.name: batch})
-          batch = []
-      if batch:
-        writer.add_examples({plan.name: batch})
-      writer.close_splits([plan.name])
-      log.info("split %s: %d images written", plan.name, len(plan.image_ids))
+    info = _dataset_info(name, tmp, plans, feature_dim, captions_dir, features_dir, description, extra_metadata)
+    _write_splits(info, plans, source, name, shard_bytes)
     fileio.replace_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

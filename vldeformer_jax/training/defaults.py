@@ -40,14 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
                                # evaluation stays on `name`. '' = train on `name` alone
   c.data.train_split = "train"
   c.data.eval_split = "test"
-  c.data.max_text_len = 35     # caption tokens and tag tokens, each (spec 1.3); also the model's
+  c.data.max_text_len = 35     # caption tokens and tag tokens, each (docs/method.md §3.2); also the model's
   c.data.max_tag_len = 0       # > 0: tag tokens, when tags are shorter than captions; also the model's
-  c.data.max_regions = 70      # regions per image (spec 1.3); also the model's
+  c.data.max_regions = 70      # regions per image (docs/method.md §3.2); also the model's
   c.data.num_captions_per_image = 5
   c.data.worker_count = 0      # grain worker processes (0: threads in this process)
   c.data.prefetch = 2
   c.data.negatives = ml_collections.ConfigDict()
-  c.data.negatives.num_per_pair = 0      # bi-modal hard negatives per positive pair (spec 11.6); 0 = off
+  c.data.negatives.num_per_pair = 0      # bi-modal hard negatives per positive pair (docs/method.md §5); 0 = off
   c.data.negatives.replace_ratio = 0.3   # fraction of object words replaced in a negative caption
 
   c.train = ml_collections.ConfigDict()
@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 0
   c.train.learning_rate = 1e-4
   c.train.warmup_steps = 0
-  c.train.weight_decay = 0.05  # decoupled, not on biases and LayerNorm scales (spec 5.1)
+  c.train.weight_decay = 0.05  # decoupled, not on biases and LayerNorm scales (docs/method.md §6.1)
   c.train.adam_b1 = 0.9
   c.train.adam_b2 = 0.999
   c.train.adam_eps = 1e-8
@@ -72,10 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "infonce"      # 'infonce' | 'hardness' | 'hinge' | 'sigmoid' (objective 'decompose')
-  c.loss.temperature = 0.005   # spec 4.1: fixed, both directions
+  c.loss.temperature = 0.005   # docs/method.md §4.1: fixed, both directions
   c.loss.learnable_temperature = False  # learn log(temperature), initialised at `temperature`
-  c.loss.beta = 0.0            # 'hardness': concentration (spec 4.3)
-  c.loss.tau_plus = 0.0        # 'hardness': false-negative prior (spec 4.3)
+  c.loss.beta = 0.0            # 'hardness': concentration (docs/method.md §4.2)
+  c.loss.tau_plus = 0.0        # 'hardness': false-negative prior (docs/method.md §4.2)
   c.loss.margin = 0.2          # 'hinge'
   c.loss.chunk_size = 0        # > 0: rows of the logits in chunks (memory), same result
   c.loss.bias_init = -10.0     # 'sigmoid': initial learnable logit bias (SigLIP; with temperature 0.1)

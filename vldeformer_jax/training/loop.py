@@ -125,6 +125,25 @@ def _export_is_current(path: str, params, step: int) -> bool:
   return True
 
 
+def _evaluate(evaluator, writer, best, state, step: int, summary: dict, *, record: bool = True) -> None:
+  """Retrieval on the eval split: the result to metrics.jsonl (`record`), to `best/` if it is the best."""
+  results = evaluator.run(state.params, step)
+  if results is not None:
+    if record:
+      writer.write(step, evaluator.flat(results), split="eval")
+    best.update(step, evaluator.score(results), state, {"results": results})
+    summary["eval"] = results
+
+
+def _finish_final_evaluation(config, data, evaluator, writer, best, state, final_step: int, summary: dict) -> None:
+  """A run resumed at its final step (killed between its last checkpoint and the end) runs the final
+  evaluation if its record or `best/` is missing, as the end of training would have."""
+  recorded = _has_eval_record(writer.path, final_step)
+  if config.train.eval_every >= 0 and data.eval is not None and (not recorded or best.best_step is None):
+    log.info("resumed at the final step %d: the final evaluation is missing; running it", final_step)
+    _evaluate(evaluator, writer, best, state, final_step, summary, record=not recorded)
+
+
 def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   primary = jax.process_index() == 0
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
@@ -178,11 +197,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ckpts.save(step, state, iterator.get_state(), {"model_config": model_config.to_dict()})
       every = config.train.eval_every
       if (every > 0 and step % every == 0) or (every >= 0 and last):
-        results = evaluator.run(state.params, step)
-        if results is not None:
-          writer.write(step, evaluator.flat(results), split="eval")
-          best.update(step, evaluator.score(results), state, {"results": results})
-          summary["eval"] = results
+        _evaluate(evaluator, writer, best, state, step, summary)
         timer.restart()
     bar.close()
     ckpts.wait()
@@ -190,16 +205,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     summary["final_step"] = final_step
     export_path = os.path.join(workdir, "export")
     if start_step >= total_steps:  # resumed at the final step: finish what the end of training does
-      every = config.train.eval_every
-      if every >= 0 and data.eval is not None and (
-          not _has_eval_record(writer.path, final_step) or best.best_step is None):
-        log.info("resumed at the final step %d: the final evaluation is missing; running it", final_step)
-        results = evaluator.run(state.params, final_step)
-        if results is not None:
-          if not _has_eval_record(writer.path, final_step):
-            writer.write(final_step, evaluator.flat(results), split="eval")
-          best.update(final_step, evaluator.score(results), state, {"results": results})
-          summary["eval"] = results
+      _finish_final_evaluation(config, data, evaluator, writer, best, state, final_step, summary)
     if start_step < total_steps or not _export_is_current(export_path, state.params, final_step):
       summary["export"] = setup.write_final_export(workdir, state.params, model_config, init, final_step, config)
     else:
