@@ -343,6 +343,22 @@ def contrastive_loss(text_emb: Array, image_emb: Array, neg_text_emb: Array | No
   return loss, metrics
 
 
+def _batch_sharded_embeddings(what: str, mesh: Mesh, text_emb, image_emb, neg_text_emb, neg_image_emb) -> dict:
+  """The embeddings a sharded loss reads, by name (absent negatives left out), each checked to split evenly
+  over the mesh's batch shards."""
+  embs = {"text": text_emb, "image": image_emb}
+  if neg_text_emb is not None:
+    embs["neg_text"] = neg_text_emb
+  if neg_image_emb is not None:
+    embs["neg_image"] = neg_image_emb
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  for key, x in embs.items():
+    if x.shape[0] % shards:
+      raise ValueError(f"{what}: {key} embeddings have {x.shape[0]} rows, not divisible by the {shards} batch "
+                       f"shards of mesh {dict(mesh.shape)}")
+  return embs
+
+
 def sharded_contrastive_loss(mesh: Mesh, **loss_kwargs) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """`contrastive_loss` over globally batch-sharded arrays, for use inside a jitted train step.
 
@@ -373,16 +389,8 @@ def sharded_contrastive_loss(mesh: Mesh, **loss_kwargs) -> Callable[..., tuple[A
     else:
       t2i = i2t = temps
     temps = (jnp.asarray(t2i, jnp.float32), jnp.asarray(i2t, jnp.float32))
-    embs = {"text": text_emb, "image": image_emb}
-    if neg_text_emb is not None:
-      embs["neg_text"] = neg_text_emb
-    if neg_image_emb is not None:
-      embs["neg_image"] = neg_image_emb
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    for key, x in embs.items():
-      if x.shape[0] % shards:
-        raise ValueError(f"sharded_contrastive_loss: {key} embeddings have {x.shape[0]} rows, not "
-                         f"divisible by the {shards} batch shards of mesh {dict(mesh.shape)}")
+    embs = _batch_sharded_embeddings("sharded_contrastive_loss", mesh, text_emb, image_emb, neg_text_emb,
+                                     neg_image_emb)
 
     def local(e, tt):
       return contrastive_loss(e["text"], e["image"], e.get("neg_text"), e.get("neg_image"),
@@ -579,16 +587,8 @@ def sharded_sigmoid_loss(mesh: Mesh) -> Callable[..., tuple[Array, dict[str, Arr
   batch = P(BATCH_AXES)
 
   def fn(text_emb, image_emb, neg_text_emb, neg_image_emb, temperature, bias):
-    embs = {"text": text_emb, "image": image_emb}
-    if neg_text_emb is not None:
-      embs["neg_text"] = neg_text_emb
-    if neg_image_emb is not None:
-      embs["neg_image"] = neg_image_emb
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    for key, x in embs.items():
-      if x.shape[0] % shards:
-        raise ValueError(f"sharded_sigmoid_loss: {key} embeddings have {x.shape[0]} rows, not divisible by "
-                         f"the {shards} batch shards of mesh {dict(mesh.shape)}")
+    embs = _batch_sharded_embeddings("sharded_sigmoid_loss", mesh, text_emb, image_emb, neg_text_emb,
+                                     neg_image_emb)
     scalars = (jnp.asarray(temperature, jnp.float32), jnp.asarray(bias, jnp.float32))
 
     def local(e, sc):
