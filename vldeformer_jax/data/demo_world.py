@@ -379,9 +379,17 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
                  name: str = DEMO_NAME, overwrite: bool = False) -> str:
   """Writes the demo VinVL files to a scratch dir and prepares them into `<data_dir>/<name>` with
   `prepare_vinvl`; returns `name`. Skips the work when that dataset exists with the same parameters."""
-  from vldeformer_jax.data import prepare  # tfds is only needed here
   want = {"seed": int(seed), "num_train": int(num_train), "num_test": int(num_test),
           "generator_version": GENERATOR_VERSION}
+  return _prepare_generated(data_dir, name, want, lambda out: write_demo_vinvl(out, seed, num_train, num_test),
+                            f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
+                            overwrite)
+
+
+def _prepare_generated(data_dir: str, name: str, want: dict, write, description: str, overwrite: bool) -> str:
+  """`write(vinvl_dir)` into a scratch dir, then `prepare_vinvl` into `<data_dir>/<name>` with `want` as
+  its `demo` metadata and the scene descriptions beside it; skipped when that dataset exists with `want`."""
+  from vldeformer_jax.data import prepare  # tfds is only needed here
   meta = prepare.read_metadata(data_dir, name)
   if meta is not None and not overwrite:
     if meta.get("demo") == want:
@@ -393,10 +401,9 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
   scratch = tempfile.mkdtemp(prefix=".demo-vinvl-", dir=data_dir)
   try:
     vinvl_dir = os.path.join(scratch, "vinvl")
-    write_demo_vinvl(vinvl_dir, seed, num_train, num_test)
+    write(vinvl_dir)
     fileio.copy_file_atomic(os.path.join(vinvl_dir, SCENES_FILE), scenes_path(data_dir, name))
-    prepare.prepare_vinvl(vinvl_dir, vinvl_dir, name, data_dir, overwrite=overwrite,
-                          description=f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
+    prepare.prepare_vinvl(vinvl_dir, vinvl_dir, name, data_dir, overwrite=overwrite, description=description,
                           extra_metadata={"demo": want})
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
@@ -500,26 +507,10 @@ def prepare_object_demo(data_dir: str, seed: int = 0, *, num_train: int = 600, n
                         name: str = OBJECT_DEMO_NAME, overwrite: bool = False, classes=None) -> str:
   """`write_object_demo_vinvl` + `prepare_vinvl` into `<data_dir>/<name>` (beside the scene-centric demo);
   returns `name`; skipped when that dataset exists with the same parameters."""
-  from vldeformer_jax.data import prepare  # tfds is only needed here
   want = {"variant": "object", "seed": int(seed), "num_train": int(num_train), "num_test": int(num_test),
           "generator_version": OBJECT_GENERATOR_VERSION}
   if classes is not None:
     want["classes"] = list(classes)
-  meta = prepare.read_metadata(data_dir, name)
-  if meta is not None and not overwrite:
-    if meta.get("demo") == want:
-      return name
-    raise FileExistsError(f"{prepare.dataset_dir(data_dir, name)} holds another dataset ({meta.get('demo')}"
-                          f", wanted {want}): use another data_dir or name, or overwrite=True")
-  os.makedirs(data_dir, exist_ok=True)
-  scratch = tempfile.mkdtemp(prefix=".demo-objects-", dir=data_dir)
-  try:
-    vinvl_dir = os.path.join(scratch, "vinvl")
-    write_object_demo_vinvl(vinvl_dir, seed, num_train, num_test, classes)
-    fileio.copy_file_atomic(os.path.join(vinvl_dir, SCENES_FILE), scenes_path(data_dir, name))
-    prepare.prepare_vinvl(vinvl_dir, vinvl_dir, name, data_dir, overwrite=overwrite,
-                          description=f"VLDeformer object-centric demo (seed {seed}), see "
-                          "vldeformer_jax/data/demo_world.py", extra_metadata={"demo": want})
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
-  return name
+  return _prepare_generated(
+      data_dir, name, want, lambda out: write_object_demo_vinvl(out, seed, num_train, num_test, classes),
+      f"VLDeformer object-centric demo (seed {seed}), see vldeformer_jax/data/demo_world.py", overwrite)
