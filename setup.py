@@ -29,7 +29,9 @@ setuptools.setup(
         # torch reads .bin/.cpkt checkpoints and .pt caption files, and is the parity reference in tests.
         # Pinned: the CPU wheel of this version is what the project's machines install offline.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
+        # faiss: the CPU index backend (`launch/index.py build --backend=faiss`) and the search benchmark's reference.
+        "faiss": ["faiss-cpu>=1.8"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "faiss-cpu>=1.8"],
         "bench": ["torch==2.13.0", "faiss-cpu>=1.8"],
     },
 )
