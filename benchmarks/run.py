@@ -28,8 +28,11 @@ flags.DEFINE_integer("contrastive_max_run", 16384,
 flags.DEFINE_string("from_json", "", "re-render the markdown from a results.json of an earlier run")
 flags.DEFINE_list("merge_json", [], "results.json files whose tables replace those of --from_json (e.g. tables "
                   "re-run separately with --tables)")
-flags.DEFINE_list("tables", ["peaks", "train_step", "ablations", "contrastive", "search", "encoder", "pool"],
+flags.DEFINE_list("tables", ["peaks", "train_step", "ablations", "contrastive", "search", "encoder", "pool",
+                            "pipeline", "modes"],
                   "which tables to run")
+flags.DEFINE_string("modes_demo_workdir", os.path.join(common.REPO, "runs", "demo"),
+                    "table `modes`: the demo workdir whose stage1/stage2 exports and data it measures")
 
 
 def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
@@ -53,7 +56,13 @@ def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
                             "--repeats", "1" if quick else "2"]),
       "encoder": ("encoder_throughput", ["--repeats", "1" if quick else "2"] + (["--quick"] if quick else [])),
       "pool": ("pool_memory", ["--quick"] if quick else []),
+      "pipeline": ("input_pipeline", ["--num_images", "300", "--steps", "2", "--batch", "32", "--layouts",
+                                      "float32, uncompressed;bfloat16, uncompressed"] if quick else []),
+      # Not in the default tables: full sizes are for a GPU / TPU host (`--tables accelerator` there).
+      "accelerator": ("accelerator", ["--tiny", "--demo", "none", "--repeats", "1"] if quick else []),
   }
+  # modes: the demo split's modes (codes distilled on the train split) and 1M x 768 synthetic rows (50K quick).
+  jobs["modes"] = ("retrieval_modes", ["--demo_workdir", FLAGS.modes_demo_workdir] + (["--quick"] if quick else []))
   for name in tqdm([t for t in jobs if t in tables], desc="benchmarks", unit="table"):
     module, args = jobs[name]
     t = time.perf_counter()
@@ -75,11 +84,14 @@ def main(argv):
     for path in FLAGS.merge_json:
       with open(path) as f:
         extra = json.load(f)
-      for key in ("peaks", "train_step", "ablations", "contrastive", "search", "encoder", "pool"):
+      for key in ("peaks", "train_step", "ablations", "contrastive", "search", "encoder", "pool", "pipeline",
+                  "accelerator", "modes"):
         if key in extra:
           results[key] = extra[key]
           results.setdefault("durations", {})[key] = extra["durations"][key]
           results.setdefault("merged", {})[key] = extra.get("command", path)
+          m = extra.get("machine", {})  # tables merged from another machine say which
+          results.setdefault("merged_machine", {})[key] = f"{m.get('cpu', '?')} ({m.get('simd', '')}), {m.get('cores', '?')} cores"
       results["total_seconds"] += extra["total_seconds"]
     if FLAGS.merge_json:
       common.write_json_atomic(json_path, results)

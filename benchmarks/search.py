@@ -53,6 +53,20 @@ def agreement(ref_v, ref_i, v, i, tol: float = 1e-4) -> dict:
           "ok": bool(score_err < tol and (~same).sum() <= max(1, len(ref_i) // 1000))}
 
 
+def faiss_build() -> str:
+  """Which SIMD code faiss runs: the dispatched level (faiss >= 1.12 dispatches at run time) or, for older
+  wheels, the module it loaded (generic / avx2 / avx512), and its compile options. A generic build makes any
+  ratio against faiss meaningless."""
+  import faiss
+  opts = faiss.get_compile_options().strip()
+  try:
+    level = faiss.SIMDConfig.get_level_name()
+  except AttributeError:  # before run-time dispatch: the loader picked one of the compiled modules
+    level = next((x for x in ("avx512_spr", "avx512", "avx2") if f"swigfaiss_{x}" in __import__("sys").modules),
+                 "generic")
+  return f"{level} (compile options: {opts})"
+
+
 def run(sizes=(100_000, 1_000_000), num_queries: int = 1000, k: int = 10, dim: int = 768, repeats: int = 3,
         numpy_max: int = 1_000_000) -> list[dict]:
   import faiss
@@ -87,7 +101,8 @@ def run(sizes=(100_000, 1_000_000), num_queries: int = 1000, k: int = 10, dim: i
     times = common.interleaved(fns, repeats, warmup=0)
     fv, fi = res["faiss"]
     row = {"gallery": n, "queries": num_queries, "k": k, "dim": dim,
-           "faiss_threads": faiss.omp_get_max_threads(), "jax_devices": jax.device_count()}
+           "faiss_threads": faiss.omp_get_max_threads(), "jax_devices": jax.device_count(),
+           "faiss_build": faiss_build()}
     for name in fns:
       row[f"{name}_seconds"] = common.summary(times[name])
     row["jax_vs_faiss"] = row["jax_seconds"]["median"] / row["faiss_seconds"]["median"]

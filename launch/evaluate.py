@@ -3,6 +3,8 @@
   python launch/evaluate.py --export=runs/demo/export --data_dir=runs/demo/data --dataset=vldeformer_demo \
       --split=test --protocol=all --rerank_top_k=10 --cross_encoder --cross_max_images=100 \
       --output=runs/demo/eval.json
+  python launch/evaluate.py --export=runs/demo/stage2/export --rerank_export=runs/demo/stage1/export \
+      --data_dir=runs/demo/data --dataset=vldeformer_demo --rerank_top_k=10 --rerank_score=mixed --rerank_weight=0.3
 
 Prints a table (i2t / t2i R@1/5/10, medr, rsum, mAP@R) and writes the JSON atomically. Protocols: full,
 coco5k, flickr1k (every image of the split), coco1k (mean of 5 folds of 1000 images, plus the `test_1k`
@@ -21,6 +23,7 @@ from absl import flags
 
 from vldeformer_jax import cli
 from vldeformer_jax.retrieval.metrics import PROTOCOLS
+from vldeformer_jax.retrieval.rerank import RERANK_SCORES
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory (launch/convert_checkpoint.py or training).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir: evaluate its --checkpoint instead of --export.")
@@ -35,7 +38,14 @@ _DATASET = flags.DEFINE_string("dataset", None, "Dataset name (as given to launc
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _PROTOCOL = flags.DEFINE_enum("protocol", "full", list(PROTOCOLS),
                               "Evaluation protocol.")
-_RERANK = flags.DEFINE_integer("rerank_top_k", 0, "Re-score each query's top-K with the early-interaction head.")
+_RERANK = flags.DEFINE_integer("rerank_top_k", 0, "Re-score each query's top-K (by --rerank_score).")
+_RERANK_SCORE = flags.DEFINE_enum("rerank_score", "cross", list(RERANK_SCORES),
+                                  "Re-rank score: cross-encoder margin, decomposed cosine, their weighted mix, "
+                                  "or late interaction (MrSw) on token states (retrieval/rerank.py).")
+_RERANK_WEIGHT = flags.DEFINE_float("rerank_weight", 0.5, "--rerank_score=mixed: the cosine's share w in "
+                                    "w * c * cosine + (1 - w) * margin (c matches their spreads).")
+_RERANK_EXPORT = flags.DEFINE_string("rerank_export", None, "Cross-encoder export for --rerank_score=cross|mixed "
+                                     "(default: --export itself), e.g. the stage-1 export.")
 _CROSS = flags.DEFINE_bool("cross_encoder", False, "Also evaluate the early-interaction model on every pair.")
 _CROSS_MAX = flags.DEFINE_integer("cross_max_images", None,
                                   "Cross-encoder on the first N images only (the decomposed model is then "
@@ -72,7 +82,9 @@ def main(argv):
                             protocol=_PROTOCOL.value, rerank_top_k=_RERANK.value, cross_encoder=_CROSS.value,
                             output=_OUTPUT.value, batch_size=_BATCH.value, max_images=_MAX_IMAGES.value,
                             cross_max_images=_CROSS_MAX.value, dtype=_DTYPE.value,
-                            timing_pairs=_TIMING.value, allow_untrained_head=_ALLOW_UNTRAINED.value)
+                            timing_pairs=_TIMING.value, allow_untrained_head=_ALLOW_UNTRAINED.value,
+                            rerank_score=_RERANK_SCORE.value, rerank_weight=_RERANK_WEIGHT.value,
+                            rerank_export=_RERANK_EXPORT.value)
   except (UntrainedHeadError, suite.RerankDepthError) as e:  # a refusal, not a failure: a flag this export or
     # this suite cannot serve
     print(f"error: {e}", file=sys.stderr)

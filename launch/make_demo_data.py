@@ -3,6 +3,8 @@ r"""Writes the synthetic demo dataset and prepares it as a tfds dataset (skipped
   python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data            # -> vldeformer_demo
   python launch/make_demo_data.py --vinvl_dir=/tmp/demo_vinvl                 # only the VinVL-format files
   python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data --variant=object   # -> vldeformer_demo_objects
+  python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data --num_train=1000 --bitext
+      # also the Spanish bitext of the training captions and vldeformer_demo_es (data/bitext.py)
 
 Read it with `vldeformer_jax.data.prepare.load_split(data_dir, "vldeformer_demo", split)`; splits train,
 test and test_1k. See vldeformer_jax/data/demo.py for what the images and captions contain.
@@ -12,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from vldeformer_jax import cli
+from vldeformer_jax.data import bitext
 from vldeformer_jax.data import demo_world as demo
 
 FLAGS = flags.FLAGS
@@ -25,6 +28,8 @@ flags.DEFINE_integer("seed", 0, "Generator seed (the dataset is a deterministic 
 flags.DEFINE_integer("num_train", None, f"Training images (default {demo.DEFAULT_NUM_TRAIN}; object: 600).")
 flags.DEFINE_integer("num_test", None, "Test images (default 1000, test_1k holds 1000 of them; object: 200).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same name.")
+flags.DEFINE_bool("bitext", False, "Scene variant: also write the training captions' Spanish translations (a "
+                  "bitext file) and <name>_es, the test split with Spanish captions (data/bitext.py).")
 
 
 def main(argv):
@@ -44,6 +49,8 @@ def main(argv):
     prep = demo.prepare_object_demo if obj else demo.prepare_demo
     print(prep(FLAGS.data_dir, FLAGS.seed, num_train=num_train, num_test=num_test, name=name,
                overwrite=FLAGS.overwrite))
+    if FLAGS.bitext and not obj:
+      print(bitext.prepare_bitext_demo(FLAGS.data_dir, name, overwrite=FLAGS.overwrite))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from vldeformer_jax.model import inputs
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.retrieval import evaluate
 from vldeformer_jax.retrieval import index
+from vldeformer_jax.retrieval import index_build
+from vldeformer_jax.retrieval import index_query
 from vldeformer_jax.retrieval.encoder import Encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,7 @@ def tiny(tmp_path_factory):
   export.write_export(str(d / "export"), tiny_params(cfg, 0), cfg, inputs.BUNDLED_VOCAB)
   name = demo_world.prepare_demo(str(d / "data"), seed=0, num_train=4, num_test=20)
   enc = Encoder.load(str(d / "export"), batch_size=8)
-  index.build_index(enc, prepare.load_split(str(d / "data"), name, "test"), str(d / "idx"), side="images")
+  index_build.build_index(enc, prepare.load_split(str(d / "data"), name, "test"), str(d / "idx"), side="images")
   return d, name
 
 
@@ -56,7 +58,7 @@ def test_text_queries_that_mean_nothing_are_refused_or_warned(tiny):
 
   def query(**kw):
     warned = []
-    rows = index.run_query(str(d / "idx"), str(d / "export"), warn=warned.append, **kw)
+    rows = index_query.run_query(str(d / "idx"), str(d / "export"), warn=warned.append, **kw)
     return rows, warned
 
   for text in ("", "   ", "\t\n"):
@@ -80,7 +82,7 @@ def test_text_queries_that_mean_nothing_are_refused_or_warned(tiny):
                     "[CLS] and [SEP]): 4986 dropped"]
   enc = Encoder.load(str(d / "export"))
   with pytest.raises(ValueError, match="the text query is empty"):  # the library entry refuses it too
-    index.query_index(index.Index.load(str(d / "idx")), enc, text=" ")
+    index_query.query_index(index.Index.load(str(d / "idx")), enc, text=" ")
 
 
 def test_index_cli_empty_query_is_one_line_and_unknown_words_warn(tiny):

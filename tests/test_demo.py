@@ -38,7 +38,7 @@ def demo_run(tmp_path_factory):
                        rerank_top_k=2, eval_batch_size=16, ablations=("ablation_stage1_no_negatives", "ablation_random"),
                        stage2_num_steps=None, stage2_global_batch_size=None, stage1_num_steps=None,
                        gallery_sizes=(4, 50, 500), timing_pairs=10_000, bootstrap_samples=50,
-                       progress=False)
+                       code_bits=16, code_steps=20, progress=False)
   s1, s2 = tiny_configs()
   out = demo.run_demo(workdir, s1, s2, plan)
   return workdir, plan, out
@@ -104,6 +104,15 @@ def test_report_holds_the_comparison(demo_run):
       scale=100)
   md = open(os.path.join(workdir, "report.md")).read()
   assert "extrapolated" in md and "95% interval" in md and "How the two sets differ" in md
+  modes = {r["mode"]: r for r in rep["retrieval_modes"]["rows"]}
+  assert {"float", "int8", "sign", "simhash-16", "simhash-16+rescore", "distilled-16", "distilled-16+rescore",
+          "late_rerank@2", "cross_rerank@2", "faiss_ivf", "faiss_hnsw"} <= set(modes), sorted(modes)
+  # Re-ranking the float top-2 reorders inside it, so R@10 is the float search's exactly (rule EXACT: the
+  # same top-10 lists beyond the first two).
+  for name in ("late_rerank@2", "cross_rerank@2"):
+    assert modes[name]["t2i"]["R@10"] == modes["float"]["t2i"]["R@10"], name
+    assert modes[name]["i2t"]["R@10"] == modes["float"]["i2t"]["R@10"], name
+  assert modes["distilled-16"]["bits"] == 16 and "Retrieval modes" in md
 
 
 def test_second_run_reuses_every_stage(demo_run):

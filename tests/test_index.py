@@ -16,7 +16,7 @@ from vldeformer_jax.io import export
 from vldeformer_jax.model import inputs
 from vldeformer_jax.retrieval.encoder import Encoder
 from vldeformer_jax.model.config import ModelConfig
-from vldeformer_jax.retrieval import index, search
+from vldeformer_jax.retrieval import index, index_build, index_query, search
 from model_helpers import embed_depth, tiny_params
 from tolerances import assert_f32, assert_within, gamma
 
@@ -200,8 +200,8 @@ def test_index_round_trip_matches_fresh_embeddings(tiny):
   enc = Encoder.load(str(d / "export"), batch_size=8)
   src = prepare.load_split(str(d / "data"), name, "test")
   recs = [src[i] for i in range(len(src))]
-  meta = index.build_index(enc, src, str(d / "img_idx"), side="images", compact="int8")
-  index.build_index(enc, src, str(d / "cap_idx"), side="captions")
+  meta = index_build.build_index(enc, src, str(d / "img_idx"), side="images", compact="int8")
+  index_build.build_index(enc, src, str(d / "cap_idx"), side="captions")
   assert meta["num"] == 20 and meta["fingerprint"] == enc.fingerprint
   # Fresh embeddings, computed independently of the index code.
   img = enc.embed_images([np.asarray(r["features"]) for r in recs], [r["tags"] for r in recs])
@@ -220,12 +220,12 @@ def test_index_round_trip_matches_fresh_embeddings(tiny):
   q = "a small red car to the left of a dog"
   qe = enc.embed_texts([q])
   for exact in (True, None):
-    rows = index.query_index(idx_img, enc, text=q, k=7, exact=exact)
+    rows = index_query.query_index(idx_img, enc, text=q, k=7, exact=exact)
     ref_s, ref_i = brute_topk(qe, idx_img.embeddings, 7)
     assert_ranking_decided(ref_scores(qe, idx_img.embeddings), 7, bound)
     assert [r["image_id"] for r in rows] == [int(recs[i]["image_id"]) for i in ref_i[0]]
     assert_f32([r["score"] for r in rows], ref_s[0], n=cfg.embed_dim + 2, scale=1.0)
-  rows = index.query_index(idx_cap, enc, image_record=recs[3], k=10)
+  rows = index_query.query_index(idx_cap, enc, image_record=recs[3], k=10)
   qi = enc.embed_images([np.asarray(recs[3]["features"], np.float32)], [recs[3]["tags"].decode()])
   ref_s, ref_i = brute_topk(qi, idx_cap.embeddings, 10)
   assert_ranking_decided(ref_scores(qi, idx_cap.embeddings), 10, bound)
@@ -249,7 +249,7 @@ def test_foreign_stale_and_corrupt_indexes_are_refused(tiny, tmp_path):
     index.write_index(path, emb, [1, 2, 3], ["x"] * 3, fingerprint=enc.fingerprint, side="captions")
   ix = index.Index.load(path)
   with pytest.raises(index.BadIndexError, match="built by the export with fingerprint .* another space"):
-    index.query_index(ix, other, text="a dog", export="export OTHER")
+    index_query.query_index(ix, other, text="a dog", export="export OTHER")
   # corrupt: one byte of the embeddings changed
   raw = bytearray(open(os.path.join(path, "embeddings.npy"), "rb").read())
   raw[-1] ^= 0xFF

@@ -100,6 +100,9 @@ def _assert_records(src, ids, images):
     np.testing.assert_array_equal(rec["features"], images[image_id]["features"])
     assert rec["tags"].decode() == " ".join(images[image_id]["tags"])
     assert [c.decode() for c in rec["captions"]] == images[image_id]["captions"]
+    # One detector class per region (multi-word ones kept whole), or none where the counts differ.
+    tags, boxes = images[image_id]["tags"], len(images[image_id]["features"])
+    assert [c.decode() for c in rec["region_classes"]] == (tags if len(tags) == boxes else [])
 
 
 def _run_cli(*args):

@@ -298,8 +298,9 @@ class CorpusSource:
   def __getitem__(self, index: int) -> dict:
     img = self.image(int(index))
     feats = _region_features(self.seed, self._protos, img)
-    return {"image_id": img.image_id, "features": feats, "tags": " ".join(CLASSES[o.cls] for o in img.regions),
-            "captions": list(img.captions)}
+    classes = [CLASSES[o.cls] for o in img.regions]
+    return {"image_id": img.image_id, "features": feats, "tags": " ".join(classes), "captions": list(img.captions),
+            "region_classes": classes}
 
 
 def _write_tsv(path: str, rows) -> None:

@@ -163,14 +163,21 @@ def negative_image(features_a: np.ndarray, tags_a, features_b: np.ndarray, tags_
   if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
     raise ValueError(f"negative_image: region features must be [n, F] and [m, F] with the same F, got "
                      f"{features_a.shape} and {features_b.shape}")
-  rows_a = _random_half(len(features_a), rng)
-  rows_b = _random_half(len(features_b), rng)
+  rows_a, rows_b, tags = negative_image_rows(len(features_a), tags_a, len(features_b), tags_b, rng)
+  features = np.concatenate([features_a[rows_a], features_b[rows_b]], axis=0)
+  return features, tags
+
+
+def negative_image_rows(n: int, tags_a, m: int, tags_b, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray, str]:
+  """What `negative_image` draws, without touching the features: (rows of a, rows of b, tags), so a
+  caller can copy the rows straight into its batch (data/pipeline.py). Same draws, same order."""
+  rows_a = _random_half(n, rng)
+  rows_b = _random_half(m, rng)
   words_a, words_b = tag_words(tags_a), tag_words(tags_b)
   keep_a = _random_half(len(words_a), rng)
   keep_b = _random_half(len(words_b), rng)
-  features = np.concatenate([features_a[rows_a], features_b[rows_b]], axis=0)
-  tags = " ".join([words_a[i] for i in keep_a] + [words_b[i] for i in keep_b])
-  return features, tags
+  return rows_a, rows_b, " ".join([words_a[i] for i in keep_a] + [words_b[i] for i in keep_b])
 
 
 def draw_other_index(rng: np.random.Generator, num_images: int, exclude: int) -> int:

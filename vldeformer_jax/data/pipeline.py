@@ -12,7 +12,7 @@ it, so a run can resume on another pod shape and still see the same examples:
 - process `p` of `P` builds only rows `[p*B, (p+1)*B)` of the global batch, `B = global_batch_size / P`.
 
 The machinery is grain: a `MapDataset` over step numbers whose map builds one process-local batch
-(one tokenizer call per batch), thread prefetch, and `mp_prefetch` worker processes when
+(wordpieces from a per-word cache, data/wordpieces.py; region features widened into the batch once), thread prefetch, and `mp_prefetch` worker processes when
 `worker_count > 0` (they die with the training process: `die_with_parent`). The iterator's state is just
 the next step, so it is JSON, tiny, and valid for any process count or worker count.
 """
@@ -28,12 +28,16 @@ import numpy as np
 
 from vldeformer_jax.model import inputs
 from vldeformer_jax.data import negatives as negatives_lib
+from vldeformer_jax.data import storage
+from vldeformer_jax.data import wordpieces as wordpieces_lib
+from vldeformer_jax.data import region_classes as region_classes_lib
 
 STATE_FORMAT = "vldeformer_jax.train_iterator"
 _MAX_STEPS = 2 ** 62  # "infinite": a lazy grain range over step numbers
 # Separate random streams derived from the one seed: SeedSequence([seed, stream, epoch, image]).
 _STREAM_PERMUTATION, _STREAM_CAPTION, _STREAM_NEGATIVES = 1, 2, 3
-_TOKENIZER_LOCK = threading.Lock()  # see BatchBuilder._tokenize
+_TOKENIZER_LOCK = wordpieces_lib.TOKENIZER_LOCK  # HF fast tokenizers are not thread-safe (tokenizers#537)
+_STORED_DTYPES = tuple(storage.FEATURE_DTYPES.values())  # region features kept as stored until the batch
 
 
 def steps_per_epoch(num_images: int, global_batch_size: int) -> int:
@@ -66,7 +70,7 @@ class BatchBuilder:
   def __init__(self, source, *, tokenizer, global_batch_size: int, seed: int, max_text_len: int,
                max_regions: int, feature_dim: int, num_captions_per_image: int, negatives_per_pair: int,
                replace_ratio: float, process_index: int, process_count: int, tag_vocabulary=None,
-               max_tag_len: int = 0):
+               max_tag_len: int = 0, region_labels: bool = False, bitext=None):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0 <= process_index < process_count:
@@ -97,10 +101,15 @@ class BatchBuilder:
         tag_vocabulary = negatives_lib.build_tag_vocabulary(source)
       self.tag_vocabulary = negatives_lib.as_vocabulary(tag_vocabulary)
     self._permutation_cache: tuple[int, np.ndarray] | None = None
+    self._wordpieces = None  # made on first use, in whichever process builds batches
+    # `image_region_labels` [B, R] (masked object classification, docs/method.md §4.8) when asked for.
+    self.region_labels = region_classes_lib.ClassWords(tokenizer) if region_labels else None
+    self.bitext = bitext  # data/bitext.py BitextBatches: `bitext_a_*` / `bitext_b_*` beside the batch, or None
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_permutation_cache"] = None
+    state["_wordpieces"] = None
     return state
 
   def _permutation(self, epoch: int) -> np.ndarray:
@@ -110,13 +119,27 @@ class BatchBuilder:
       self._permutation_cache = cache
     return cache[1]
 
-  def _tokenize(self, captions, features, tags) -> tuple[dict, dict]:
-    """text_inputs and image_inputs, one thread at a time: HF fast tokenizers keep per-call state in one
-    Rust object and may raise "Already borrowed" when prefetch threads share it (huggingface/tokenizers#537)."""
-    with _TOKENIZER_LOCK:
-      text = inputs.text_inputs(self.tokenizer, captions, self.max_text_len)
-      image = inputs.image_inputs(self.tokenizer, features, tags, self.max_tag_len, self.max_regions,
-                                  self.feature_dim)
+  def _tokenize(self, captions, images, tags) -> tuple[dict, dict]:
+    """`inputs.text_inputs` and `inputs.image_inputs`, byte for byte, faster: wordpieces come from a
+    per-word cache (data/wordpieces.py) and each image's regions are widened to float32 straight into the
+    batch. `images`: per image, a list of (features [n, F], rows or None) pieces, stacked in order."""
+    if self._wordpieces is None:
+      self._wordpieces = wordpieces_lib.WordpieceTokenizer(self.tokenizer)
+    text = self._wordpieces.segments(captions, self.max_text_len, token_type=0)
+    seg = self._wordpieces.segments(tags, self.max_tag_len, token_type=1)
+    n, r = len(images), self.max_regions
+    feats = np.zeros((n, r, self.feature_dim), np.float32)
+    region_mask = np.zeros((n, r), np.int32)
+    for i, pieces in enumerate(images):
+      filled = 0
+      for array, rows in pieces:
+        part = array if rows is None else array[rows]
+        take = min(len(part), r - filled)
+        feats[i, filled:filled + take] = part[:take]
+        filled += take
+      region_mask[i, :filled] = 1
+    image = {"input_ids": seg["input_ids"], "token_type_ids": seg["token_type_ids"],
+             "attention_mask": np.concatenate([seg["attention_mask"], region_mask], axis=1), "img_feats": feats}
     return text, image
 
   def image_indices(self, step: int) -> tuple[int, np.ndarray]:
@@ -130,12 +153,17 @@ class BatchBuilder:
     for key in ("image_id", "features", "tags", "captions"):
       if key not in record:
         raise KeyError(f"record {index} of the source has no {key!r} field (fields: {sorted(record)})")
-    features = np.asarray(record["features"], np.float32)
+    features = np.asarray(record["features"])
+    if features.dtype not in _STORED_DTYPES:  # what the old path did to any other dtype, once
+      features = features.astype(np.float32)
     if features.ndim != 2 or features.shape[1] != self.feature_dim:
       raise ValueError(f"record {index} (image_id {record['image_id']}): 'features' has shape {features.shape}, "
                        f"expected [n, {self.feature_dim}]")
-    return {"image_id": int(record["image_id"]), "features": features[:self.max_regions],
-            "tags": _as_str(record["tags"]), "captions": [_as_str(c) for c in record["captions"]]}
+    out = {"image_id": int(record["image_id"]), "features": features[:self.max_regions],
+           "tags": _as_str(record["tags"]), "captions": [_as_str(c) for c in record["captions"]]}
+    if self.region_labels is not None:
+      out["region_classes"] = region_classes_lib.record_region_classes(record, index)
+    return out
 
   def _caption(self, record: dict, index: int, epoch: int) -> str:
     captions = record["captions"][:self.num_captions_per_image]
@@ -148,12 +176,18 @@ class BatchBuilder:
     epoch, indices = self.image_indices(step)
     records = [self._record(i) for i in indices]
     captions = [self._caption(r, i, epoch) for r, i in zip(records, indices)]
-    text, image = self._tokenize(captions, [r["features"] for r in records], [r["tags"] for r in records])
+    text, image = self._tokenize(captions, [[(r["features"], None)] for r in records], [r["tags"] for r in records])
     batch = {f"text_{k}": v for k, v in text.items()}
     batch.update({f"image_{k}": v for k, v in image.items()})
     batch["image_id"] = np.array([r["image_id"] for r in records], np.int64)
+    if self.region_labels is not None:
+      batch["image_region_labels"] = self.region_labels.label_ids([r["region_classes"] for r in records],
+                                                                  self.max_regions)
     if self.negatives_per_pair:
       batch.update(self._negatives(records, captions, indices, epoch))
+    if self.bitext is not None:
+      with _TOKENIZER_LOCK:  # see _tokenize
+        batch.update(self.bitext(step, self.tokenizer))
     return batch
 
   def _negatives(self, records, captions, indices, epoch) -> dict[str, np.ndarray]:
@@ -165,9 +199,10 @@ class BatchBuilder:
       for _ in range(k):
         other = self._record(negatives_lib.draw_other_index(rng, self.num_images, int(index)))
         neg_captions.append(negatives_lib.negative_caption(caption, self.tag_vocabulary, rng, self.replace_ratio))
-        feats, tags = negatives_lib.negative_image(record["features"], record["tags"], other["features"],
-                                                   other["tags"], rng)
-        neg_features.append(feats)
+        own, theirs = record["features"], other["features"]
+        rows_a, rows_b, tags = negatives_lib.negative_image_rows(len(own), record["tags"], len(theirs),
+                                                                 other["tags"], rng)
+        neg_features.append([(own, rows_a), (theirs, rows_b)])  # = negative_image(...), copied once
         neg_tags.append(tags)
     text, image = self._tokenize(neg_captions, neg_features, neg_tags)
     b = len(records)
@@ -305,7 +340,8 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
                         max_regions: int, feature_dim: int, num_captions_per_image: int = 5,
                         negatives_per_pair: int = 0, replace_ratio: float = 0.3, process_index: int | None = None,
                         process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
-                        tag_vocabulary=None, max_tag_len: int = 0) -> TrainIterator:
+                        tag_vocabulary=None, max_tag_len: int = 0, region_labels: bool = False,
+                        bitext=None) -> TrainIterator:
   """The training iterator over `source` (random access: `len`, `[i]` -> record dict, see ARCHITECTURE.md).
 
   Yields this process's rows of each global batch: dicts of numpy arrays with the "Training batch" keys
@@ -313,6 +349,9 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
   `negatives_per_pair` K > 0. `process_index` / `process_count` default to JAX's. `tag_vocabulary` (a
   `negatives.TagVocabulary` or a list of words) spares a scan of the source when negatives are on; see
   `negatives.build_tag_vocabulary(source, cache_path=...)`. `max_tag_len`: tag tokens (0: `max_text_len`).
+  `region_labels`: add `image_region_labels` [B, R] int32, the word id of each region's detector class
+  (data/region_classes.py; 0 on padding), for masked object classification. `bitext`: a
+  `data.bitext.BitextBatches` whose caption-translation rows of each step ride along (`bitext_a_*`, `bitext_b_*`).
   """
   if process_index is None or process_count is None:
     import jax
@@ -322,5 +361,6 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
       source, tokenizer=tokenizer, global_batch_size=global_batch_size, seed=seed, max_text_len=max_text_len,
       max_regions=max_regions, feature_dim=feature_dim, num_captions_per_image=num_captions_per_image,
       negatives_per_pair=negatives_per_pair, replace_ratio=replace_ratio, process_index=process_index,
-      process_count=process_count, tag_vocabulary=tag_vocabulary, max_tag_len=max_tag_len)
+      process_count=process_count, tag_vocabulary=tag_vocabulary, max_tag_len=max_tag_len,
+      region_labels=region_labels, bitext=bitext)
   return TrainIterator(builder, worker_count=worker_count, prefetch=prefetch)

@@ -34,6 +34,7 @@ from tensorflow_datasets.core import sequential_writer
 from tqdm import tqdm
 
 from vldeformer_jax.io import files as fileio
+from vldeformer_jax.data import storage
 from vldeformer_jax.data import vinvl
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,19 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _WRITE_BATCH = 64  # examples per SequentialWriter call (each call rewrites dataset_info.json)
 
 
-def record_features(feature_dim: int) -> tfds.features.FeaturesDict:
-  """The record spec; region features are stored as raw float32 bytes (exact, fast to decode)."""
+def record_features(feature_dim: int, feature_dtype: str = "float32") -> tfds.features.FeaturesDict:
+  """The record spec; region features are stored as raw bytes (fast to decode) of `feature_dtype`
+  (float32: exact; float16 / bfloat16: half the bytes, see data/storage.py)."""
   return tfds.features.FeaturesDict({
       "image_id": tfds.features.Scalar(np.int64),
-      "features": tfds.features.Tensor(shape=(None, feature_dim), dtype=np.float32,
+      "features": tfds.features.Tensor(shape=(None, feature_dim), dtype=storage.feature_dtype(feature_dtype),
                                        encoding=tfds.features.Encoding.BYTES),
       "tags": tfds.features.Text(),
       "captions": tfds.features.Sequence(tfds.features.Text()),
+      # The detector class of each region (predictions.tsv), for masked object classification
+      # (docs/method.md §4.8); [] where the classes do not line up with the regions. Datasets prepared
+      # before this field have no such key: MOC refuses them with one line (data/region_classes.py).
+      "region_classes": tfds.features.Sequence(tfds.features.Text()),
   })
 
 
@@ -204,7 +210,8 @@ def _check_every_image_has_features(plans, source, captions_dir: str) -> int:
 
 
 def _dataset_info(name: str, tmp: str, plans, feature_dim: int, captions_dir: str, features_dir: str,
-                  description: str | None, extra_metadata: dict | None) -> tfds.core.DatasetInfo:
+                  description: str | None, extra_metadata: dict | None,
+                  feature_dtype: str = "float32") -> tfds.core.DatasetInfo:
   """The tfds DatasetInfo of the prepared dataset, with the provenance of every split in its metadata."""
   metadata = {
       "feature_dim": int(feature_dim),
@@ -221,7 +228,7 @@ def _dataset_info(name: str, tmp: str, plans, feature_dim: int, captions_dir: st
           name=name, version=tfds.core.Version(VERSION), data_dir=tmp, module_name=__name__),
       description=description or f"VinVL region features, detector tags and captions from "
                                  f"{os.path.abspath(features_dir)} and {os.path.abspath(captions_dir)}.",
-      features=record_features(feature_dim),
+      features=record_features(feature_dim, feature_dtype),
       disable_shuffling=True,  # keep the key-file / captions-file order
       metadata=tfds.core.MetadataDict(metadata),
   )
@@ -232,11 +239,14 @@ def _write_splits(info, plans, source, name: str, shard_bytes: int) -> None:
   writer = sequential_writer.SequentialWriter(info, max_examples_per_shard=_shard_size(source, shard_bytes),
                                               file_format="array_record")
   writer.initialize_splits([p.name for p in plans])
+  stored_dtype = info.features["features"].np_dtype
   for plan in plans:
     batch = []
     for image_id in tqdm(plan.image_ids, desc=f"{name}/{plan.name}", unit="img", mininterval=2.0):
-      batch.append({"image_id": image_id, "features": source.region_features(image_id),
-                    "tags": source.tags(image_id), "captions": plan.captions[image_id]})
+      features = source.region_features(image_id)
+      batch.append({"image_id": image_id, "features": features.astype(stored_dtype, copy=False),
+                    "tags": source.tags(image_id), "captions": plan.captions[image_id],
+                    "region_classes": source.region_classes(image_id, len(features))})
       if len(batch) >= _WRITE_BATCH:
         writer.add_examples({plan.name: batch})
         batch = []
@@ -249,15 +259,19 @@ def _write_splits(info, plans, source, name: str, shard_bytes: int) -> None:
 def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str, *,
                   splits: Sequence[str] = ("train", "test"), feature_dim: int | None = None,
                   overwrite: bool = False, shard_bytes: int = 256 << 20, description: str | None = None,
-                  extra_metadata: dict | None = None) -> str:
+                  extra_metadata: dict | None = None, feature_dtype: str = "float32",
+                  compression: str = "none") -> str:
   """Converts the VinVL layout (docs/method.md §3.3) into `<data_dir>/<name>/<VERSION>`; returns that path.
 
   Reads one features row at a time through the `.lineidx` offsets and appends each example to the
   current shard, so memory does not grow with the number of images. Every image of every split is
   checked to have features before anything is written. Raises `VinvlFormatError` (file, line, image id)
-  on malformed input, `FileExistsError` when the dataset exists and not `overwrite`.
+  on malformed input, `FileExistsError` when the dataset exists and not `overwrite`. `feature_dtype`
+  (float32 | float16 | bfloat16) and `compression` (none | default) are the storage layout of
+  data/storage.py, recorded in metadata.json.
   """
   _check_name(name)
+  extra_metadata = {**storage.metadata(feature_dtype, compression), **(extra_metadata or {})}
   final = dataset_dir(data_dir, name)
   if os.path.exists(final) and not overwrite:
     raise FileExistsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -269,8 +283,10 @@ def prepare_vinvl(captions_dir: str, features_dir: str, name: str, data_dir: str
   try:
     feature_dim = _check_every_image_has_features(plans, source, captions_dir)
     os.makedirs(tmp)
-    info = _dataset_info(name, tmp, plans, feature_dim, captions_dir, features_dir, description, extra_metadata)
-    _write_splits(info, plans, source, name, shard_bytes)
+    info = _dataset_info(name, tmp, plans, feature_dim, captions_dir, features_dir, description, extra_metadata,
+                         feature_dtype)
+    with storage.array_record_options(compression):
+      _write_splits(info, plans, source, name, shard_bytes)
     fileio.replace_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

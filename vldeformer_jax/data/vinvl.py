@@ -182,6 +182,13 @@ def decode_feature_row(cols: list[bytes], where: str, feature_dim: int | None = 
 
 def parse_prediction_row(cols: list[bytes], where: str) -> tuple[int, str]:
   """(image_id, tags) from `image_id \\t json`: the detector classes joined by spaces, in file order."""
+  image_id, classes = parse_prediction_classes(cols, where)
+  return image_id, " ".join(classes)
+
+
+def parse_prediction_classes(cols: list[bytes], where: str) -> tuple[int, list[str]]:
+  """(image_id, [class of each detected object]) from `image_id \\t json`, in file order: one per region
+  when predictions.tsv lists the boxes of features.tsv (VinVL writes both from one detector pass)."""
   if len(cols) < 2:
     raise VinvlFormatError(f"{where}: expected 2 TAB-separated columns (image_id, json), found {len(cols)}")
   image_id = _int_field(cols[0], "image_id (column 1)", where)
@@ -200,7 +207,7 @@ def parse_prediction_row(cols: list[bytes], where: str) -> tuple[int, str]:
     if not isinstance(obj, dict) or not isinstance(obj.get("class"), str):
       raise VinvlFormatError(f"{where}: object {k} has no string 'class' field: {str(obj)[:80]}")
     classes.append(obj["class"])
-  return image_id, " ".join(classes)
+  return image_id, classes
 
 
 def load_imageid2idx(path: str) -> dict[int, int]:
@@ -264,18 +271,29 @@ class VinvlFeatures:
 
   def tags(self, image_id: int) -> str:
     """The detector classes of `image_id` joined by spaces (predictions.tsv, file order)."""
+    return " ".join(self.detected_classes(image_id))
+
+  def detected_classes(self, image_id: int) -> list[str]:
+    """The detector class of each object predictions.tsv lists for `image_id`, in file order."""
     row = self.id2row.get(image_id)
     if self._pred_index is None and row is not None and row < len(self.predictions):
       # VinVL writes predictions.tsv in the row order of features.tsv: try that first, check the id.
       cols = self.predictions.read_row(row)
       if _same_id(cols[0], image_id):
-        return parse_prediction_row(cols, f"{self.predictions.path} line {row + 1}")[1]
+        return parse_prediction_classes(cols, f"{self.predictions.path} line {row + 1}")[1]
     if self._pred_index is None:
       self._pred_index = self._index_predictions()
     if image_id not in self._pred_index:
       raise VinvlFormatError(f"image {image_id} has no row in {self.predictions.path}")
     row = self._pred_index[image_id]
-    return parse_prediction_row(self.predictions.read_row(row), f"{self.predictions.path} line {row + 1}")[1]
+    return parse_prediction_classes(self.predictions.read_row(row), f"{self.predictions.path} line {row + 1}")[1]
+
+  def region_classes(self, image_id: int, num_regions: int) -> list[str]:
+    """The detector class of each of the `num_regions` regions of `image_id` (the masked-object targets,
+    docs/method.md §4.8), or [] when predictions.tsv lists another number of objects than features.tsv
+    has boxes: then which class belongs to which region is unknown, and the image has no region targets."""
+    classes = self.detected_classes(image_id)
+    return classes if len(classes) == num_regions else []
 
   def _index_predictions(self) -> dict[int, int]:
     log.info("%s is not row-aligned with %s: indexing it by image id", self.predictions.path,

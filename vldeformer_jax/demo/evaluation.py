@@ -18,10 +18,13 @@ import time
 
 import numpy as np
 
+from vldeformer_jax.retrieval import binary_codes
 from vldeformer_jax.retrieval import intervals
 from vldeformer_jax.retrieval import metrics
+from vldeformer_jax.retrieval import modes
 from vldeformer_jax.retrieval.evaluate import cross_encoder_scores, rerank, similarity
 from vldeformer_jax.retrieval.gallery import embed_gallery
+from vldeformer_jax.training import code_distillation
 
 
 def avg_recall(result: dict) -> float:
@@ -118,6 +121,26 @@ def reranked_on_split(encoder, cross_encoder, gallery, top_k: int, batch_size: i
   out.update(rerank_top_k=int(top_k), pairs_scored=pairs, rerank_seconds=seconds,
              rerank_ms_per_query=1e3 * seconds / (sim.shape[0] + sim.shape[1]))
   return out
+
+
+def retrieval_modes(encoder, cross_encoder, train_gallery, gallery, *, bits: int, steps: int, rerank_k: int,
+                    batch_size: int, progress: bool) -> dict:
+  """Every retrieval mode of the decomposed model on the full split (retrieval/modes.py: exact float, int8,
+  sign bits, SimHash and distilled codes with a float re-score of a Hamming shortlist, late-interaction
+  and cross-encoder re-ranking of the top `rerank_k`, faiss IVF / HNSW where faiss is installed).
+
+  The code head is distilled on the train split's embeddings (training/code_distillation.py) and tested on
+  this split, so the codes never see a test caption; its baseline is SimHash of the same length."""
+  img, txt, _ = embed_gallery(encoder, train_gallery, batch_size, progress=progress)
+  head, summary = code_distillation.distill(img, txt, train_gallery.txt2img,
+                                            code_distillation.DistillConfig(bits=bits, steps=steps),
+                                            progress=progress)
+  heads = {f"simhash-{bits}": binary_codes.sign_baseline_head(img.shape[1], bits), f"distilled-{bits}": head}
+  notes: list[str] = []
+  rows = modes.gallery_rows(encoder, gallery, heads=heads, cross_encoder=cross_encoder, rerank_k=rerank_k,
+                            notes=notes)
+  return {"rows": rows, "notes": notes, "bits": int(bits), "rerank_k": int(rerank_k),
+          "distillation": {k: v for k, v in summary.items() if k != "config"}}
 
 
 def drop_over_folds(cross_folds: list[dict], decomposed_folds: list[dict]) -> dict:

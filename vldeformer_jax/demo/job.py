@@ -83,6 +83,9 @@ class DemoPlan:
   folds: int = 5                  # cross-encoder comparison: disjoint folds of the test split ...
   fold_images: int = 64           # ... of this many images, every (image, caption) pair scored
   rerank_top_k: int = 5           # retrieve with the decomposed model, re-rank its top-k by the cross-encoder
+  modes: bool = True              # the retrieval-modes table (exact, int8, codes, re-rankers, faiss) ...
+  code_bits: int = 64             # ... with a code head of this many bits distilled on the train split ...
+  code_steps: int = 1500          # ... for this many steps (seconds on this CPU)
   bootstrap_samples: int = 1000
   curve_every: int = 20           # the two thesis runs (stage-1 vs random init) are evaluated on the test
                                   # split every this many steps: recall against decomposition steps
@@ -253,6 +256,14 @@ def _evaluate_all(workdir: str, runs: dict, stage1_config, plan: DemoPlan) -> di
         lambda: evaluation.reranked_on_split(load(os.path.join(runs[MAIN][1], "export")), cross_encoder(), gallery,
                                              plan.rerank_top_k, bs, plan.progress),
         f"{MAIN} re-ranked by the cross-encoder")
+  if MAIN in runs and plan.modes:
+    train_gallery = load_gallery(prepare.load_split(os.path.join(workdir, "data"), c.data.name, c.data.train_split))
+    out["modes"] = _cached(
+        os.path.join(res_dir, f"{MAIN}_modes.json"),
+        lambda: evaluation.retrieval_modes(load(os.path.join(runs[MAIN][1], "export")), cross_encoder(),
+                                           train_gallery, gallery, bits=plan.code_bits, steps=plan.code_steps,
+                                           rerank_k=plan.rerank_top_k, batch_size=bs, progress=plan.progress),
+        f"{MAIN}: retrieval modes")
   return out
 
 
@@ -311,7 +322,8 @@ def run_demo(workdir: str, stage1_config=None, stage2_config=None, plan: DemoPla
 def _report(workdir, runs, c1, plan, times, t0) -> dict:
   results = _evaluate_all(workdir, runs, c1, plan)
   times["evaluation"] = sum(r.get("_seconds", 0.0) for r in results["cross_encoder_folds"]
-                            + list(results["decomposed"].values()) + [results.get("reranked", {})])
+                            + list(results["decomposed"].values()) + [results.get("reranked", {}),
+                                                                         results.get("modes", {})])
   timing = _cached(os.path.join(workdir, "results", "timing.json"),
                    lambda: time_retrieval(workdir, runs, c1, plan), "timing")
   times["this_run"] = time.perf_counter() - t0

@@ -276,6 +276,16 @@ class VLDeformer(nn.Module):
     """
     h, pooled_cls = self.bert(input_ids, token_type_ids, attention_mask, img_feats,
                               deterministic=deterministic)
+    return self._pool(h, pooled_cls, attention_mask, deterministic)
+
+  def embed_with_states(self, input_ids, token_type_ids, attention_mask, img_feats=None, *, deterministic=True):
+    """`embed` and the last layer's sequence output [B, L, H] (float32) of the same forward, with the same
+    dropout: the pooled embedding and the token states late interaction scores (training/decompose.py)."""
+    h, pooled_cls = self.bert(input_ids, token_type_ids, attention_mask, img_feats,
+                              deterministic=deterministic)
+    return self._pool(h, pooled_cls, attention_mask, deterministic), h.astype(jnp.float32)
+
+  def _pool(self, h, pooled_cls, attention_mask, deterministic):
     h = h.astype(jnp.float32)
     pooling = self.config.pooling
     if pooling == "mean":

@@ -10,6 +10,9 @@ device works; the results are the same as unsharded.
   t = enc.embed_texts(["a dog on a couch"])                       # [1, D], L2-normalised
   v = enc.embed_images([regions], ["dog couch pillow"])          # [1, D]
   s = enc.match_scores([regions], ["dog couch pillow"], ["a dog on a couch"])  # early-interaction score
+  w, wm = enc.text_token_states(["a dog on a couch"])             # [1, L_t, H] unit word states, mask [1, L_t]
+  r, rm = enc.image_token_states([regions], ["dog couch pillow"])  # [1, L_g + R, H] tags + regions, mask
+  # -> retrieval/late_interaction.py: mrsw_scores(w, wm, r, rm)
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from vldeformer_jax.io import export as export_lib
 from vldeformer_jax.model import inputs
 from vldeformer_jax.model.vldeformer import VLDeformer
 from vldeformer_jax.model.config import ModelConfig
+from vldeformer_jax.retrieval import late_interaction
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -79,8 +83,15 @@ class Encoder:
                            packed["attention_mask"], packed["img_feats"], method=VLDeformer.match_logits)
       return logits[:, 1] - logits[:, 0]
 
+    def token_states(params, batch):  # the last layer's sequence output, each position L2-normalised
+      h, _ = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                         batch.get("img_feats"), method=VLDeformer.encode)
+      h = h.astype(jnp.float32)
+      return h * jax.lax.rsqrt(jnp.maximum(jnp.sum(h * h, axis=-1, keepdims=True), 1e-24))
+
     # One jitted function per forward; jax caches one executable per (structure, shape) of the batch.
     self._embed = jax.jit(embed)
+    self._token_states = jax.jit(token_states)
     self._match = jax.jit(match)
     self._match_margin = jax.jit(match_margin)
 
@@ -219,6 +230,58 @@ class Encoder:
     outs = [self.embed_image_inputs(self.image_inputs(region_features[s:s + bs], tags[s:s + bs]), batch_size=bs)
             for s in it]
     return np.concatenate(outs) if outs else np.zeros((0, self.embed_dim), np.float32)
+
+  # ------------------------------------------------------------------------------ token states
+
+  def text_token_states_inputs(self, text: Mapping[str, np.ndarray], *,
+                               batch_size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Word states of captions for late interaction (retrieval/late_interaction.py), from
+    `inputs.text_inputs` arrays: (states float32 [N, L_t, H], mask int32 [N, L_t]).
+
+    States: the last layer's sequence output of the text-only (decomposed) forward, every position
+    L2-normalised, in the hidden space H (no mean pooling, no tanh, no projection). The mask marks the
+    caption's wordpieces: [CLS], [SEP] and padding are 0 (`late_interaction.content_mask`). Positions stay
+    where the tokenizer put them."""
+    states = self._batched(self._token_states, [{k: np.asarray(text[k], np.int32) for k in inputs.TEXT_KEYS}],
+                           batch_size, (self.model_config.max_text_len, self.model_config.hidden_size))
+    return states, np.asarray(late_interaction.content_mask(text["attention_mask"], np.shape(text["input_ids"])[1]))
+
+  def image_token_states_inputs(self, image: Mapping[str, np.ndarray], *,
+                                batch_size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Token states of images for late interaction, from `inputs.image_inputs` arrays: (states float32
+    [N, L_g + R, H], mask int32 [N, L_g + R]): the tag tokens then the regions, as the image-only
+    (decomposed) forward lays them out. States as `text_token_states_inputs`; the mask marks the tag
+    wordpieces and the real regions: the tags' [CLS] and [SEP], padded tags and padded regions are 0."""
+    batch = {k: np.asarray(image[k], np.float32 if k == "img_feats" else np.int32) for k in inputs.IMAGE_KEYS}
+    width = batch["attention_mask"].shape[1]
+    states = self._batched(self._token_states, [batch], batch_size, (width, self.model_config.hidden_size))
+    return states, np.asarray(late_interaction.content_mask(batch["attention_mask"], batch["input_ids"].shape[1]))
+
+  def text_token_states(self, captions: Sequence[str], *, batch_size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Captions (str or bytes) -> `text_token_states_inputs` (states [N, L_t, H], mask [N, L_t])."""
+    cfg = self.model_config
+    it, bs = self._chunks(len(captions), batch_size, "text_token_states")
+    outs = [self.text_token_states_inputs(inputs.text_inputs(self.tokenizer, captions[s:s + bs], cfg.max_text_len),
+                                          batch_size=bs) for s in it]
+    if not outs:
+      return (np.zeros((0, cfg.max_text_len, cfg.hidden_size), np.float32), np.zeros((0, cfg.max_text_len), np.int32))
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+  def image_token_states(self, region_features: Sequence[np.ndarray], tags: Sequence[str], *,
+                         batch_size=None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (region features [n_i, F] each, tag strings) -> `image_token_states_inputs` (states
+    [N, L_g + R, H], mask [N, L_g + R])."""
+    if len(region_features) != len(tags):
+      raise ValueError(f"image_token_states: {len(region_features)} region feature arrays but {len(tags)} tag "
+                       "strings")
+    cfg = self.model_config
+    it, bs = self._chunks(len(tags), batch_size, "image_token_states")
+    outs = [self.image_token_states_inputs(self.image_inputs(region_features[s:s + bs], tags[s:s + bs]),
+                                           batch_size=bs) for s in it]
+    if not outs:
+      width = cfg.tag_len + cfg.max_regions
+      return np.zeros((0, width, cfg.hidden_size), np.float32), np.zeros((0, width), np.int32)
+    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
   # ------------------------------------------------------------------------------ early interaction
 

@@ -5,7 +5,8 @@ Encoder, sharded over all devices with a mesh, the padded last batch dropped), L
 [N_img, N_txt] similarity matrix gives every rank. The early-interaction (cross-encoder) baseline scores
 every (image, caption) pair with the same weights (`Encoder.match_logit_margin_inputs`), N_img x N_txt
 forward passes: `max_images` restricts both to the same first-N-images subset when that is too slow.
-Re-ranking re-scores each query's top-K from the decomposed similarity with the cross-encoder.
+Re-ranking re-scores each query's top-K from the decomposed similarity: by default with the cross-encoder,
+or by the decomposed cosine, a weighted mix of the two, or late interaction (retrieval/rerank.py).
 
 All of them produce the same JSON (retrieval/metrics.py), so the demo can put them side by side:
   {"i2t": {"R@1", "R@5", "R@10", "medr", "meanr"}, "t2i": {...}, "rsum", "mAP@R": {"i2t", "t2i"},
@@ -34,6 +35,7 @@ from vldeformer_jax.io.files import write_json_atomic
 from vldeformer_jax.model import inputs
 from vldeformer_jax.retrieval.encoder import Encoder
 from vldeformer_jax.retrieval import metrics
+from vldeformer_jax.retrieval import rerank as rerank_lib
 from vldeformer_jax.retrieval import timing as timing_lib
 from vldeformer_jax.retrieval.pairs import score_pairs, trimmed_length
 from vldeformer_jax.retrieval.gallery import Gallery, embed_gallery, load_gallery, with_mesh
@@ -69,53 +71,14 @@ def _protocol_results(sim, txt2img, protocol, fold_size, sim_t2i=None) -> dict:
   return out
 
 
-def _top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
-  """Indices of each row's top-k, stable descending (ties by index, as in metrics.py)."""
-  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def _rerank_matrix(sim: np.ndarray, top: np.ndarray, cross: np.ndarray) -> np.ndarray:
-  """`sim` with each row's shortlist `top` [Q, K] moved above everything else, ordered by `cross` [Q, K]
-  (ties keep the embedding order); values 2 + (K - position) are exact, so no precision is lost."""
-  k = top.shape[1]
-  order = np.lexsort((np.broadcast_to(np.arange(k), cross.shape), -cross), axis=1)
-  out = np.array(sim, np.float32, copy=True)
-  new_vals = np.empty(cross.shape, np.float32)
-  np.put_along_axis(new_vals, order, (2.0 + k - np.arange(k, dtype=np.float32))[None, :].repeat(len(top), 0),
-                    axis=1)
-  np.put_along_axis(out, top, new_vals, axis=1)
-  return out
-
-
 def rerank(encoder, gallery: Gallery, sim: np.ndarray, top_k: int, batch_size: int | None = None,
            progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
   """(i2t matrix, t2i matrix, pairs scored): each image's top-K captions and each caption's top-K images
-  re-scored with the early-interaction head; entries outside the shortlists keep their order below it."""
-  text_all = gallery.text_inputs(encoder)
-  n_img, n_txt = sim.shape
-  k_txt, k_img = min(top_k, n_txt), min(top_k, n_img)
-  top_t = _top_k_rows(sim, k_txt)  # [N_img, K] caption indices
-  top_i = _top_k_rows(sim.T, k_img)  # [N_txt, K] image indices
-  cross_i2t = np.empty(top_t.shape, np.float32)
-  cross_t2i = np.empty(top_i.shape, np.float32)
-  # Group the work by image so each image's regions are read once per direction.
-  chunk = 64
-  for a in tqdm(range(0, n_img, chunk), desc="re-rank", disable=not progress):
-    imgs = np.arange(a, min(a + chunk, n_img))
-    img_x = gallery.image_inputs(encoder, imgs)
-    # i2t pairs: (image, its shortlisted captions)
-    pi = np.repeat(np.arange(len(imgs)), k_txt)
-    pt = top_t[imgs].reshape(-1)
-    s = score_pairs(encoder, text_all, img_x, pt, pi, batch_size)
-    cross_i2t[imgs] = s.reshape(len(imgs), k_txt)
-    # t2i pairs whose shortlisted image is in this chunk
-    q, slot = np.nonzero((top_i >= a) & (top_i < a + len(imgs)))
-    if len(q):
-      s = score_pairs(encoder, text_all, img_x, q, top_i[q, slot] - a, batch_size)
-      cross_t2i[q, slot] = s
-  sim_i2t = _rerank_matrix(sim, top_t, cross_i2t)
-  sim_t2i = _rerank_matrix(sim.T, top_i, cross_t2i).T
-  return sim_i2t, sim_t2i, int(top_t.size + top_i.size)
+  re-scored with `encoder`'s early-interaction head; entries outside the shortlists keep their order below it.
+  The other re-rank scores: `retrieval.rerank.rerank`."""
+  sim_i2t, sim_t2i, info = rerank_lib.rerank(encoder, gallery, sim, top_k, score="cross", batch_size=batch_size,
+                                             progress=progress)
+  return sim_i2t, sim_t2i, info["pairs_scored"]
 
 
 def _as_source(source_or_records, max_images, image_ids) -> Gallery:
@@ -126,16 +89,21 @@ def _as_source(source_or_records, max_images, image_ids) -> Gallery:
 
 def evaluate(encoder, source_or_records, protocol: str = "full", batch_size: int | None = None, mesh=None,
              rerank_top_k: int = 0, *, max_images: int | None = None, image_ids: Sequence[int] | None = None,
-             fold_size: int = 1000, progress: bool = True, return_embeddings: bool = False) -> dict:
+             fold_size: int = 1000, progress: bool = True, return_embeddings: bool = False,
+             rerank_score: str = "cross", rerank_weight: float = 0.5, cross_encoder=None) -> dict:
   """Decomposed retrieval metrics of `encoder` on a split (see the module docstring for the JSON).
 
   protocol: `full` | `coco5k` | `flickr1k` (every image), `coco1k` (mean over folds of `fold_size`
   consecutive images), `all` (full + `protocols.coco1k`). `rerank_top_k` > 0 adds `reranked`: the same
-  metrics after re-scoring each query's top-K with the early-interaction head. `image_ids`: evaluate
-  only these images (a key file such as test_img_keys_1k.tsv), in that order.
+  metrics after re-scoring each query's top-K by `rerank_score` (retrieval/rerank.py: `cross` the
+  early-interaction head of `cross_encoder`, default `encoder`; `decomposed`; `mixed` with `rerank_weight`;
+  `late` / `late_normalized`). `image_ids`: evaluate only these images (a key file such as
+  test_img_keys_1k.tsv), in that order.
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+  if rerank_score not in rerank_lib.RERANK_SCORES:
+    raise ValueError(f"unknown re-rank score {rerank_score!r}; expected one of {rerank_lib.RERANK_SCORES}")
   encoder = with_mesh(encoder, mesh)
   gallery = _as_source(source_or_records, max_images, image_ids)
   t0 = time.perf_counter()
@@ -150,9 +118,12 @@ def evaluate(encoder, source_or_records, protocol: str = "full", batch_size: int
   out.update(model="decomposed", export_fingerprint=encoder.fingerprint, timing=timing)
   if rerank_top_k:
     t = time.perf_counter()
-    sim_i2t, sim_t2i, pairs = rerank(encoder, gallery, sim, rerank_top_k, batch_size, progress)
+    cross = None if cross_encoder is None else with_mesh(cross_encoder, mesh)
+    sim_i2t, sim_t2i, info = rerank_lib.rerank(encoder, gallery, sim, rerank_top_k, score=rerank_score,
+                                               weight=rerank_weight, cross_encoder=cross, batch_size=batch_size,
+                                               progress=progress)
     rr = _protocol_results(sim_i2t, gallery.txt2img, protocol, fold_size, sim_t2i=sim_t2i)
-    rr.update(rerank_top_k=int(rerank_top_k), pairs_scored=pairs, seconds=time.perf_counter() - t)
+    rr.update(rerank_top_k=int(rerank_top_k), rerank_score=rerank_score, seconds=time.perf_counter() - t, **info)
     out["reranked"] = rr
   if return_embeddings:
     out["_embeddings"] = (img, txt, gallery)
@@ -232,7 +203,9 @@ def format_table(results: dict[str, dict]) -> str:
     for p, why in m.get("skipped_protocols", {}).items():
       lines.append(f"  {name} {p}: skipped ({why})")
     if "reranked" in m:
-      row(f"  {name} re-ranked top-{m['reranked']['rerank_top_k']}", m["reranked"])
+      rr = m["reranked"]
+      how = rr.get("rerank_score", "cross") + (f" w={rr['rerank_weight']:g}" if "rerank_weight" in rr else "")
+      row(f"  {name} re-ranked top-{rr['rerank_top_k']} {how}", rr)
   return "\n".join(lines)
 
 
@@ -240,7 +213,8 @@ def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test"
                    rerank_top_k: int = 0, cross_encoder: bool = False, output: str | None = None,
                    batch_size: int = 64, max_images: int | None = None, cross_max_images: int | None = None,
                    use_mesh: bool = True, dtype: str | None = None, timing_pairs: int = 0,
-                   allow_untrained_head: bool = False) -> dict:
+                   allow_untrained_head: bool = False, rerank_score: str = "cross", rerank_weight: float = 0.5,
+                   rerank_export: str | None = None) -> dict:
   """Evaluates an export on a prepared split; returns (and writes to `output`, atomically) the JSON
   `{"decomposed": ..., ["coco1k_keyfile": ...], ["cross_encoder": ...], "export", "dataset", "split"}`.
 
@@ -249,26 +223,40 @@ def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test"
   adds `timing`: retrieval/timing.compare with that many sampled cross-encoder pairs. Re-ranking, the
   cross-encoder and the timing score pairs with the export's match head: an export whose head was never
   trained is refused (`UntrainedHeadError`) before anything is read, unless `allow_untrained_head`.
+  `rerank_score` / `rerank_weight`: how the top-K is re-scored (retrieval/rerank.py); `rerank_export`: the
+  cross-encoder that scores pairs for `cross` / `mixed` (default: `export` itself), e.g. the stage-1 export
+  beside a stage-2 one.
   """
   import tensorflow_datasets as tfds  # noqa: F401  (the data layer needs it; fail early and clearly)
 
   mesh = parallel.make_mesh() if use_mesh and jax.device_count() > 1 else None
   encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size,
                          allow_untrained_head=allow_untrained_head)
-  if (rerank_top_k or cross_encoder or timing_pairs) and encoder.match_head_error:
+  if rerank_score not in rerank_lib.RERANK_SCORES:
+    raise ValueError(f"unknown re-rank score {rerank_score!r}; expected one of {rerank_lib.RERANK_SCORES}")
+  if (cross_encoder or timing_pairs) and encoder.match_head_error:
     raise UntrainedHeadError(encoder.match_head_error)
+  reranker = None
+  if rerank_top_k and rerank_score in rerank_lib.NEEDS_MATCH_HEAD:
+    reranker = encoder if rerank_export is None else Encoder.load(
+        rerank_export, dtype=dtype, mesh=mesh, batch_size=batch_size, allow_untrained_head=allow_untrained_head)
+    if reranker.match_head_error:
+      raise UntrainedHeadError(reranker.match_head_error)
+  rerank_kw = dict(rerank_top_k=rerank_top_k, rerank_score=rerank_score, rerank_weight=rerank_weight,
+                   cross_encoder=reranker)
   source = prepare.load_split(data_dir, dataset, split)
   results: dict[str, Any] = {"export": export, "export_fingerprint": encoder.fingerprint, "dataset": dataset,
                              "split": split, "protocol": protocol}
-  results["decomposed"] = evaluate(encoder, source, protocol, batch_size, rerank_top_k=rerank_top_k,
-                                   max_images=max_images)
+  if rerank_top_k and rerank_export is not None:
+    results["rerank_export"] = rerank_export
+  results["decomposed"] = evaluate(encoder, source, protocol, batch_size, max_images=max_images, **rerank_kw)
   if protocol in ("coco1k", "all") and split == "test":
     try:
       key_source = prepare.load_split(data_dir, dataset, "test_1k")
     except Exception:  # no test_1k split in this dataset
       key_source = None
     if key_source is not None:
-      results["coco1k_keyfile"] = evaluate(encoder, key_source, "full", batch_size, rerank_top_k=rerank_top_k)
+      results["coco1k_keyfile"] = evaluate(encoder, key_source, "full", batch_size, **rerank_kw)
   if cross_encoder:
     # Every pair is a forward pass: the cross-encoder may run on a subset; the decomposed model is then
     # evaluated on exactly that subset too, so the two are compared on the same images and captions.
@@ -276,7 +264,7 @@ def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test"
     results["cross_encoder"] = evaluate_cross_encoder(encoder, source, "full", batch_size, max_images=sub)
     if sub is not None and sub != max_images:
       results["decomposed_same_subset"] = evaluate(encoder, source, "full", batch_size, max_images=sub,
-                                                   rerank_top_k=rerank_top_k)
+                                                   **rerank_kw)
   if timing_pairs:
     results["timing"] = timing_lib.compare(encoder, source, max_images=max_images, sample_pairs=timing_pairs,
                                        batch_size=batch_size)

@@ -13,6 +13,23 @@ JAX, optionally compact int8 / 1-bit codes with the shortlist re-scored in float
     codes.npy        int8 [N, D] (+ scales.npy float32 [N]) or uint8 [N, D/8]: only for a compact index
     entry_encoders.npy  int32 [N]: per entry, its encoder's position in meta["encoders"] (the fingerprints of
                      every export that encoded an entry); absent in older indexes (every entry: "fingerprint")
+    faiss.index      backend "faiss" only: a faiss flat / ivf / hnsw inner-product structure over the rows
+                     (retrieval/faiss_backend.py), meta["faiss"] = {"index", its parameters, "faiss_version",
+                     "simd"}; queries search it on the CPU instead of the JAX scan (`--exact`: the JAX scan)
+    tokens.npy       with --store_tokens only: token states [N, T, H] (bfloat16 bits as uint16, or int8 +
+    token_mask.npy   token_scales.npy float32 [N, T]) and their mask uint8 [N, T], meta["tokens"] = {"dtype",
+                     "width", "hidden"}: what late-interaction re-ranking reads (retrieval/index_rerank.py)
+
+Backends: "jax" (the default; meta without "backend" reads as it) scans the float rows or the compact codes
+with retrieval/search.py, on any device; "faiss" (CPU, the optional faiss-cpu extra) stores a faiss
+structure built from the same rows, so the embeddings, ids, fingerprints and checks are those of any index.
+An index that needs faiss is refused where faiss is not installed, naming the index and the install.
+
+This module is the index's format and contract: meta.json and the files above, `write_index` (embeddings
+already computed), `Index.load` (checks) and `Index.search`, `add_items`, the errors. Embedding a dataset split
+into an index, by one process or by every process of a jax.distributed job, is retrieval/index_build.py
+(`build_index`, `run_build`); answering a text or image query from an index (warnings, optional re-ranking
+through retrieval/index_rerank.py) is retrieval/index_query.py (`query_index`, `run_query`).
 
 Continual indexing (`add_items`): items encoded by the encoder of every entry are appended; items encoded by
 another encoder are refused unless the policy is `keep` (old entries stay as they were encoded; the index's
@@ -30,21 +47,18 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import logging
 import os
 import shutil
 import uuid
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from vldeformer_jax.io import files as fileio
-from vldeformer_jax.retrieval import gallery as gallery_lib
+from vldeformer_jax.retrieval import faiss_backend
+from vldeformer_jax.retrieval import late_interaction
 from vldeformer_jax.retrieval import search
 from vldeformer_jax.retrieval.search import TopK, exact_topk  # noqa: F401  (public: the exact search)
-
-log = logging.getLogger(__name__)
 
 FORMAT = "vldeformer_jax.index"
 VERSION = 1
@@ -53,6 +67,16 @@ SIDES = ("images", "captions")
 COMPACT = (None, "int8", "binary")
 ADD_POLICIES = (None, "keep", "reindex")
 ENTRY_ENCODERS = "entry_encoders.npy"
+BACKENDS = ("jax", "faiss")
+FAISS_FILE = "faiss.index"
+TOKEN_DTYPES = (None, "bfloat16", "int8")  # stored token states (late interaction): none, bf16 bits, int8 + scale
+TOKEN_FILES = ("tokens.npy", "token_mask.npy", "token_scales.npy")
+
+
+def _bfloat16():
+  """numpy's bfloat16 dtype (ml_dtypes, as JAX registers it): stored token states are its raw 16 bits."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  return ml_dtypes.bfloat16
 
 
 class BadIndexError(ValueError):
@@ -71,16 +95,88 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
+def _check_backend(backend: str, compact: str | None, faiss_index: str | None) -> None:
+  if backend not in BACKENDS:
+    raise ValueError(f"index backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "faiss":
+    if compact is not None:
+      raise ValueError(f"--compact={compact} is a JAX-backend option; a faiss index searches its own structure "
+                       f"(--faiss_index={'|'.join(faiss_backend.KINDS)}): drop one of the two")
+    if faiss_index not in faiss_backend.KINDS:
+      raise ValueError(f"faiss index kind must be one of {faiss_backend.KINDS}, got {faiss_index!r}")
+
+
+def _row_arrays(emb: np.ndarray, compact: str | None) -> dict[str, np.ndarray]:
+  """The per-row arrays of a block of L2-normalised embeddings (row i of each depends on row i only, so
+  blocks computed apart, e.g. by several processes, concatenate to the arrays of the whole)."""
+  arrays = {"embeddings.npy": np.asarray(emb, np.float32)}
+  if compact == "int8":
+    arrays["codes.npy"], arrays["scales.npy"] = search.quantize_int8(emb)
+  elif compact == "binary":
+    arrays["codes.npy"] = search.pack_signs(emb)
+  return arrays
+
+
+def _token_arrays(states, mask, store_tokens: str) -> dict[str, np.ndarray]:
+  """The stored form of token states [n, T, H] and their mask [n, T] (TOKEN_FILES)."""
+  q = late_interaction.quantize_tokens(states, store_tokens)
+  values = q["values"]
+  out = {"tokens.npy": values.view(np.uint16) if store_tokens == "bfloat16" else values,
+         "token_mask.npy": np.asarray(mask, np.uint8)}
+  if "scales" in q:
+    out["token_scales.npy"] = q["scales"]
+  return out
+
+
+
+def _temporary_sibling(path: str, overwrite: bool, token: str | None = None) -> str:
+  """Checks the target and names the hidden temporary directory the index is written in."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"index already exists: {path} (pass overwrite=True / --overwrite to replace it)")
+  parent, base = os.path.split(path)
+  return os.path.join(parent, f".{base}.tmp-{token or uuid.uuid4().hex[:8]}")
+
+
+def _finish(tmp: str, path: str, *, fingerprint: str, side: str, num: int, dim: int, compact: str | None,
+            encoders: list[str], metadata: dict | None, backend: str, faiss_index: str | None,
+            faiss_params: dict | None) -> dict:
+  """Completes an index whose arrays and texts.json are in `tmp`: the faiss structure (from the stored
+  embeddings), the sha256 of every file, meta.json, then the rename that makes it visible."""
+  extra = {"backend": backend}
+  if backend == "faiss":
+    emb = np.load(os.path.join(tmp, "embeddings.npy"), mmap_mode="r")
+    params = faiss_backend.build_params(faiss_index, num, **(faiss_params or {}))
+    structure = faiss_backend.build(emb, faiss_index, **params)
+    faiss_backend.save(structure, os.path.join(tmp, FAISS_FILE))
+    info = faiss_backend.simd_info()
+    extra["faiss"] = {"index": faiss_index, **params, "faiss_version": info["version"], "simd": info["level"]}
+  files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp)) if name != META}
+  meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "side": side,
+          "num": int(num), "dim": int(dim), "compact": compact, "files": files, "encoders": encoders,
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
+  meta.update({k: v for k, v in (metadata or {}).items() if k not in meta})
+  fileio.write_json_atomic(os.path.join(tmp, META), meta)
+  fileio.replace_dir(tmp, os.path.abspath(path))
+  return meta
+
+
 def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequence[str], *,
                 fingerprint: str, side: str, compact: str | None = None, metadata: dict | None = None,
-                overwrite: bool = False, entry_fingerprints: Sequence[str] | None = None) -> dict:
+                overwrite: bool = False, entry_fingerprints: Sequence[str] | None = None,
+                backend: str = "jax", faiss_index: str | None = None, faiss_params: dict | None = None) -> dict:
   """Writes an index directory atomically from embeddings already computed; returns its meta.json.
 
-  `entry_fingerprints`: the encoder of each entry (default: `fingerprint` for all)."""
+  `entry_fingerprints`: the encoder of each entry (default: `fingerprint` for all). `backend="faiss"`
+  also stores a faiss structure (`faiss_index`: flat | ivf | hnsw, `faiss_params` as
+  faiss_backend.build takes them) that queries search instead of the JAX scan."""
   if side not in SIDES:
     raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
   if compact not in COMPACT:
     raise ValueError(f"compact must be one of {COMPACT}, got {compact!r}")
+  _check_backend(backend, compact, faiss_index)
+  if backend == "faiss":
+    faiss_backend.require_faiss(f"index {os.path.abspath(path)} (--backend=faiss)")
   emb = np.asarray(embeddings, np.float32)
   ids = np.asarray(ids, np.int64)
   if emb.ndim != 2 or len(ids) != len(emb) or len(texts) != len(emb):
@@ -90,36 +186,22 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
     raise ValueError(f"index: {len(entry_fps)} entry fingerprints for {len(emb)} embeddings")
   encoders = sorted(set(entry_fps) | {fingerprint})
   position = {f: i for i, f in enumerate(encoders)}
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"index already exists: {path} (pass overwrite=True / --overwrite to replace it)")
-  parent, base = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
+  tmp = _temporary_sibling(path, overwrite)
+  os.makedirs(os.path.dirname(tmp), exist_ok=True)
   os.makedirs(tmp)
   try:
-    arrays = {"embeddings.npy": emb, "ids.npy": ids,
+    arrays = {**_row_arrays(emb, compact), "ids.npy": ids,
               ENTRY_ENCODERS: np.array([position[f] for f in entry_fps], np.int32).reshape(len(emb))}
-    if compact == "int8":
-      arrays["codes.npy"], arrays["scales.npy"] = search.quantize_int8(emb)
-    elif compact == "binary":
-      arrays["codes.npy"] = search.pack_signs(emb)
     for name, a in arrays.items():
       np.save(os.path.join(tmp, name), a)
     with open(os.path.join(tmp, "texts.json"), "w") as f:
       json.dump([str(t) for t in texts], f)
-    files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(list(arrays) + ["texts.json"])}
-    meta = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "side": side,
-            "num": int(len(emb)), "dim": int(emb.shape[1]), "compact": compact, "files": files,
-            "encoders": encoders,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    meta.update({k: v for k, v in (metadata or {}).items() if k not in meta})
-    fileio.write_json_atomic(os.path.join(tmp, META), meta)
-    fileio.replace_dir(tmp, path)
+    return _finish(tmp, path, fingerprint=fingerprint, side=side, num=len(emb), dim=emb.shape[1],
+                   compact=compact, encoders=encoders, metadata=metadata, backend=backend,
+                   faiss_index=faiss_index, faiss_params=faiss_params)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return meta
 
 
 @dataclasses.dataclass
@@ -133,6 +215,8 @@ class Index:
   codes: np.ndarray | None = None
   scales: np.ndarray | None = None
   entry_encoders: np.ndarray | None = None  # int32 [N] into meta["encoders"]; None: all meta["fingerprint"]
+  faiss: object | None = None  # the faiss structure of a `backend: faiss` index (faiss_backend)
+  tokens: dict | None = None  # stored token states: {"values", ["scales"], "mask"} (memory-mapped)
 
   @classmethod
   def load(cls, path: str, *, verify: bool = True) -> "Index":
@@ -156,6 +240,13 @@ class Index:
     for key in ("fingerprint", "side", "num", "dim", "files"):
       if key not in meta:
         raise BadIndexError(f"{meta_path}: field {key!r} is missing; rebuild the index")
+    backend = meta.get("backend", "jax")  # indexes written before backends existed are JAX ones
+    if backend not in BACKENDS:
+      raise BadIndexError(f"{meta_path}: unknown backend {backend!r} (this code reads {BACKENDS}); rebuild the index")
+    if backend == "faiss" and not faiss_backend.available():
+      raise BadIndexError(f"index {path} was built with --backend=faiss "
+                          f"({meta.get('faiss', {}).get('index', '?')}), but faiss is not installed here: "
+                          f"{faiss_backend.INSTALL_HINT}, or rebuild the index with --backend=jax")
     for name, digest in meta["files"].items():
       f = os.path.join(path, name)
       if not os.path.isfile(f):
@@ -189,8 +280,22 @@ class Index:
       entry_encoders = np.asarray(arr(ENTRY_ENCODERS, (n,)))
       if n and (entry_encoders.min() < 0 or entry_encoders.max() >= len(meta.get("encoders", []))):
         raise BadIndexError(f"index {path}: {ENTRY_ENCODERS} points outside meta.json's encoders; rebuild it")
+    structure = None
+    if backend == "faiss":
+      structure = _load_faiss(path, meta)
+    tokens = None
+    if meta.get("tokens"):
+      spec = meta["tokens"]
+      shape = (n, spec.get("width"), spec.get("hidden"))
+      if spec.get("dtype") not in TOKEN_DTYPES[1:]:
+        raise BadIndexError(f"{meta_path}: tokens dtype {spec.get('dtype')!r} is not one of {TOKEN_DTYPES[1:]}")
+      values = arr("tokens.npy", shape)
+      tokens = {"values": values.view(_bfloat16()) if spec["dtype"] == "bfloat16" else values,
+                "mask": arr("token_mask.npy", shape[:2])}
+      if spec["dtype"] == "int8":
+        tokens["scales"] = arr("token_scales.npy", shape[:2])
     return cls(path, meta, arr("embeddings.npy", (n, d)), arr("ids.npy", (n,)), texts, codes, scales,
-               entry_encoders)
+               entry_encoders, structure, tokens)
 
   @property
   def fingerprint(self) -> str:
@@ -212,17 +317,53 @@ class Index:
           f"{export} has fingerprint {fingerprint[:16]}...: its embeddings are in another space. Query with "
           f"the export that built the index, or rebuild the index with this one.")
 
+  def token_rows(self, rows) -> tuple[dict, np.ndarray]:
+    """The stored token states of these rows as late_interaction takes them ({"values", ["scales"]}, still
+    bf16 / int8) and their mask [len(rows), T]; only those rows are read from disk."""
+    if self.tokens is None:
+      raise BadIndexError(f"index {self.path} stores no token states (late-interaction re-ranking needs them): "
+                          "rebuild it with --store_tokens=bfloat16|int8")
+    rows = np.asarray(rows, np.int64)
+    stored = {k: np.asarray(v[rows]) for k, v in self.tokens.items() if k != "mask"}
+    return stored, np.asarray(self.tokens["mask"][rows], np.int32)
+
+  @property
+  def backend(self) -> str:
+    return self.meta.get("backend", "jax")
+
   def search(self, queries: np.ndarray, k: int = 10, *, rescore_factor: int = 10, mesh=None,
-             chunk_size: int = search.DEFAULT_CHUNK, exact: bool | None = None) -> TopK:
+             chunk_size: int = search.DEFAULT_CHUNK, exact: bool | None = None, nprobe: int | None = None,
+             ef_search: int | None = None) -> TopK:
     """Top-k rows for L2-normalised queries [Q, D]. A compact index scans its codes for a shortlist of
-    k * rescore_factor rows, then re-scores those in float (`exact=True` scans the float rows instead)."""
+    k * rescore_factor rows, then re-scores those in float (`exact=True` scans the float rows instead).
+    A faiss index searches its faiss structure on the CPU (`nprobe` / `ef_search` override the stored
+    query parameters of ivf / hnsw; `exact=True` runs the JAX scan of the float rows instead)."""
     queries = np.atleast_2d(np.asarray(queries, np.float32))
+    if self.faiss is not None and not exact:
+      return faiss_backend.search(self.faiss, queries, k, nprobe=nprobe, ef_search=ef_search)
     kind = self.meta.get("compact")
     if kind is None or exact:
       return search.exact_topk(queries, self.embeddings, k, mesh=mesh, chunk_size=chunk_size)
     short = search.search_codes(queries, self.codes, min(self.meta["num"], k * rescore_factor), kind=kind,
                                 scales=self.scales, dim=self.meta["dim"], mesh=mesh, chunk_size=chunk_size)
     return search.rescore(queries, self.embeddings, short.indices, k)
+
+
+def _load_faiss(path: str, meta: dict):
+  """The faiss structure of an index whose files passed their sha256 check, checked against meta.json."""
+  if FAISS_FILE not in meta["files"]:
+    raise BadIndexError(f"index {path}: backend faiss but {FAISS_FILE} is not listed in {META}; rebuild the index")
+  try:
+    structure = faiss_backend.load(os.path.join(path, FAISS_FILE))
+  except RuntimeError as e:  # faiss reports an unreadable file as RuntimeError
+    raise BadIndexError(f"index {path}: cannot read {FAISS_FILE}: {' '.join(str(e).split())[:200]}; "
+                        "rebuild the index") from e
+  got = faiss_backend.describe(structure)
+  want = meta.get("faiss", {})
+  if (got["ntotal"], got["dim"], got["kind"]) != (meta["num"], meta["dim"], want.get("index")):
+    raise BadIndexError(f"index {path}: {FAISS_FILE} is a {got['kind']} index of {got['ntotal']} x {got['dim']}, "
+                        f"{META} says {want.get('index')} of {meta['num']} x {meta['dim']}; rebuild the index")
+  return structure
 
 
 def add_items(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequence[str], *, fingerprint: str,
@@ -238,6 +379,9 @@ def add_items(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequ
   if policy not in ADD_POLICIES:
     raise ValueError(f"add policy must be one of {ADD_POLICIES}, got {policy!r}")
   old = Index.load(path)
+  if old.tokens is not None:
+    raise ValueError(f"index {old.path} stores token states, which add_items does not extend: rebuild it with "
+                     "--store_tokens, or build one without")
   emb = np.asarray(embeddings, np.float32)
   if emb.ndim != 2 or emb.shape[1] != old.meta["dim"]:
     raise ValueError(f"index {old.path}: new embeddings have shape {emb.shape}, the index dim is {old.meta['dim']}")
@@ -258,139 +402,20 @@ def add_items(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequ
     old_fps = [fingerprint] * len(old_fps)
   keep_meta = {k: v for k, v in old.meta.items()
                if k not in ("format", "version", "fingerprint", "side", "num", "dim", "compact", "files",
-                            "created", "encoders", "policy")}
+                            "created", "encoders", "policy", "backend", "faiss")}
   if foreign:
     keep_meta["policy"] = policy
   return write_index(old.path, np.concatenate([old_emb, emb]), np.concatenate([np.asarray(old.ids), ids]),
                      list(old.texts) + [str(t) for t in texts], fingerprint=fingerprint, side=old.meta["side"],
                      compact=old.meta.get("compact"), metadata=keep_meta, overwrite=True,
-                     entry_fingerprints=old_fps + [fingerprint] * len(emb))
+                     entry_fingerprints=old_fps + [fingerprint] * len(emb), **_backend_of(old.meta))
 
 
-# ------------------------------------------------------------------------------------------------------
-# Building from a dataset, querying from text or an image id (the launch/index.py entries).
-
-
-def build_index(encoder, source, path: str, *, side: str = "images", compact: str | None = None,
-                batch_size: int | None = None, metadata: dict | None = None, overwrite: bool = False,
-                chunk: int = 1024) -> dict:
-  """Embeds a split's images (tags + regions) or captions once and writes the index; returns meta.json."""
-  gallery = gallery_lib.load_gallery(source)
-  if side == "images":
-    embs, ids, texts = [], gallery.image_ids, []
-    for a in tqdm(range(0, gallery.num_images, chunk), desc="index images"):
-      pos = range(a, min(a + chunk, gallery.num_images))
-      x = gallery.image_inputs(encoder, pos)
-      embs.append(encoder.embed_image_inputs(x, batch_size=batch_size))
-      texts.extend(gallery_lib.text_of(source[int(gallery.rows[p])]["tags"]) for p in pos)
-  elif side == "captions":
-    embs, ids, texts = [], gallery.image_ids[gallery.txt2img], gallery.captions
-    for a in tqdm(range(0, len(texts), chunk * 5), desc="index captions"):
-      x = gallery.text_inputs(encoder, range(a, min(a + chunk * 5, len(texts))))
-      embs.append(encoder.embed_text_inputs(x, batch_size=batch_size))
-  else:
-    raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
-  emb = np.concatenate(embs) if embs else np.zeros((0, encoder.model_config.embed_dim), np.float32)
-  return write_index(path, emb, ids, texts, fingerprint=encoder.fingerprint, side=side, compact=compact,
-                     metadata=metadata, overwrite=overwrite)
-
-
-# A text query whose wordpieces are more than this fraction [UNK] is answered with a warning: its embedding
-# says little more than "unknown words" (emoji, scripts the vocabulary lacks).
-UNK_WARN_FRACTION = 0.5
-
-
-def text_query_warnings(tokenizer, text: str, max_text_len: int) -> list[str]:
-  """What a text query loses before it is embedded: wordpieces outside the vocabulary ([UNK]) when they are
-  most of it, and the wordpieces beyond the caption length (dropped). Raises ValueError on an empty text."""
-  if not text or not text.strip():
-    raise ValueError("the text query is empty (or only whitespace): there is nothing to search for")
-  pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
-  found = []
-  if not pieces:
-    raise ValueError(f"the text query {text[:40]!r} has no wordpieces the tokenizer keeps: there is nothing to "
-                     "search for")
-  unk = sum(1 for p in pieces if p == tokenizer.unk_token_id)
-  if unk / len(pieces) > UNK_WARN_FRACTION:
-    found.append(f"{unk} of the {len(pieces)} wordpieces of the text query ({100 * unk / len(pieces):.0f}%) are "
-                    "[UNK], outside the model's vocabulary: the results say little about the text")
-  keep = max_text_len - 2  # [CLS] text [SEP]
-  if len(pieces) > keep:
-    found.append(f"the text query has {len(pieces)} wordpieces; the model reads the first {keep} "
-                    f"(max_text_len {max_text_len} with [CLS] and [SEP]): {len(pieces) - keep} dropped")
-  return found
-
-
-def query_index(index: Index, encoder, *, text: str | None = None, image_record: dict | None = None,
-                k: int = 10, export: str = "the encoder", exact: bool | None = None, warn=None) -> list[dict]:
-  """Answers one text or image query from a stored index; refuses a foreign index and an empty text. Rows
-  of {"rank", "score", "image_id", "text"}. `warn(message)` receives what the text query loses (mostly
-  [UNK], truncated; `text_query_warnings`); default: logged as warnings."""
-  index.check_fingerprint(encoder.fingerprint, export)
-  if (text is None) == (image_record is None):
-    raise ValueError("query_index: give exactly one of text= or image_record=")
-  if text is not None:
-    for message in text_query_warnings(encoder.tokenizer, text, encoder.model_config.max_text_len):
-      (warn or log.warning)(message)
-    q = encoder.embed_texts([text])
-  else:
-    q = encoder.embed_images([np.asarray(image_record["features"], np.float32)],
-                             [image_record["tags"].decode() if isinstance(image_record["tags"], bytes)
-                              else str(image_record["tags"])])
-  top = index.search(q, k, exact=exact)
-  return [{"rank": r + 1, "score": float(s), "image_id": int(index.ids[i]), "text": index.texts[i]}
-          for r, (s, i) in enumerate(zip(top.scores[0], top.indices[0])) if i >= 0]
-
-
-def find_record(source, image_id: int) -> dict:
-  """The record of an image id in a split (a linear scan of the ids)."""
-  for r in range(len(source)):
-    rec = source[r]
-    if int(rec["image_id"]) == int(image_id):
-      return rec
-  raise KeyError(f"image_id {image_id} is not in the split")
-
-
-def run_build(export: str, data_dir: str, dataset: str, split: str, path: str, *, side: str = "images",
-              compact: str | None = None, batch_size: int = 64, overwrite: bool = False) -> dict:
-  """`launch/index.py build`: loads the export and the split, builds the index; returns its meta."""
-  from vldeformer_jax.data import prepare
-  from vldeformer_jax.retrieval.encoder import Encoder
-  if not (data_dir and dataset):
-    raise ValueError("build needs --data_dir and --dataset")
-  encoder = Encoder.load(export, batch_size=batch_size)
-  source = prepare.load_split(data_dir, dataset, split)
-  return build_index(encoder, source, path, side=side, compact=compact, batch_size=batch_size,
-                     overwrite=overwrite, metadata={"export": os.path.abspath(export), "data_dir": data_dir,
-                                                    "dataset": dataset, "split": split})
-
-
-def run_query(path: str, export: str, *, text: str | None = None, image_id: int | None = None, k: int = 10,
-              data_dir: str | None = None, dataset: str | None = None, split: str | None = None,
-              exact: bool = False, warn=None) -> list[dict]:
-  """`launch/index.py query`: checks the query and the index first (cheap), then loads the export and
-  answers. `warn`: see `query_index`."""
-  from vldeformer_jax.io import export as export_lib
-  if (text is None) == (image_id is None):
-    raise ValueError("give exactly one of --text (a caption to search images or captions with) and --image_id "
-                     "(an image of --dataset/--split)")
-  if text is not None and not text.strip():
-    raise ValueError("--text is empty (or only whitespace): there is nothing to search for")
-  if k < 1:
-    raise ValueError(f"--k must be >= 1, got {k}")
-  index = Index.load(path)
-  # Refuse a foreign index before paying for the model: export.json holds the fingerprint.
-  index.check_fingerprint(export_lib.read_metadata(export)["fingerprint"], f"export {export}")
-  from vldeformer_jax.retrieval.encoder import Encoder
-  encoder = Encoder.load(export)
-  record = None
-  if image_id is not None:
-    from vldeformer_jax.data import prepare
-    data_dir = data_dir or index.meta.get("data_dir")
-    dataset = dataset or index.meta.get("dataset")
-    if not (data_dir and dataset):
-      raise ValueError("an --image_id query needs --data_dir and --dataset")
-    record = find_record(prepare.load_split(data_dir, dataset, split or index.meta.get("split", "test")),
-                         image_id)
-  return query_index(index, encoder, text=text, image_record=record, k=k, export=f"export {export}",
-                     exact=exact or None, warn=warn)
+def _backend_of(meta: dict) -> dict:
+  """write_index's backend arguments that rebuild an index like the one `meta` describes."""
+  if meta.get("backend", "jax") != "faiss":
+    return {}
+  spec = meta.get("faiss", {})
+  kind = spec.get("index")
+  keep = {"ivf": ("nprobe", "seed"), "hnsw": ("M", "ef_construction", "ef_search")}.get(kind, ())
+  return {"backend": "faiss", "faiss_index": kind, "faiss_params": {k: spec[k] for k in keep if k in spec}}

@@ -137,6 +137,7 @@ def _objective_errors(config) -> list[str]:
                   "device's block at a time); use 0")
   if lc.name == "sigmoid" and not math.isfinite(float(lc.get("bias_init", 0.0))):
     errors.append(f"config.loss.bias_init: must be finite, got {lc.bias_init}")
+  errors += _late_interaction_errors(config)
   if config.objective == "early_interaction":
     try:
       early_interaction.options(config)
@@ -145,6 +146,21 @@ def _objective_errors(config) -> list[str]:
   elif len(config.get("early_interaction", {}) or {}):
     errors.append("config.early_interaction: set, but config.objective is not 'early_interaction'")
   return errors
+
+
+def _late_interaction_errors(config) -> list[str]:
+  """`loss.late_interaction_weight` (docs/method.md §7.5): a weight >= 0 of the decomposition objective, on
+  its one-pass step (gradient caching re-embeds without the token states)."""
+  w = config.loss.get("late_interaction_weight", 0.0)
+  if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+    return [f"config.loss.late_interaction_weight: must be a finite number >= 0, got {w!r}"]
+  if w > 0 and config.objective != "decompose":
+    return [f"config.loss.late_interaction_weight: {w} is a term of objective 'decompose', not "
+            f"{config.objective!r}; use 0"]
+  if w > 0 and config.train.get("micro_batch_size", 0):
+    return [f"config.loss.late_interaction_weight: {w} is not supported with gradient caching "
+            f"(config.train.micro_batch_size={config.train.micro_batch_size}); use micro_batch_size=0"]
+  return []
 
 
 def _input_errors(config) -> list[str]:
@@ -280,6 +296,26 @@ def _schedule_errors(config) -> list[str]:
   return errors
 
 
+def _text_text_errors(config, device_count: int) -> list[str]:
+  """MURAL's text-text task (docs/method.md §4.9): a decomposition with a bitext file, one pass per step."""
+  if float(config.loss.get("text_text_weight", 0.0)) <= 0:
+    return []
+  field, errors = "config.loss.text_text_weight", []
+  if config.objective != "decompose":
+    errors.append(f"{field}: applies to objective 'decompose' only, not {config.objective!r}")
+  bitext = config.data.get("bitext", "")
+  if not bitext or "://" not in bitext and not os.path.isfile(bitext):
+    errors.append(f"{field}: needs config.data.bitext, a bitext file (data/bitext.py); got {bitext!r}")
+  if int(config.train.get("micro_batch_size", 0)) > 0:
+    errors.append(f"{field}: not with train.micro_batch_size (gradient caching embeds the image-text pool only)")
+  n = int(config.data.get("bitext_batch_size", 0) or config.train.global_batch_size)
+  _, shards = _mesh_errors(config, device_count)
+  if n < 1 or (shards and n % shards):
+    errors.append(f"config.data.bitext_batch_size: {n} pairs per step must be a positive multiple of the "
+                  f"{shards} batch shards")
+  return errors
+
+
 def _eval_errors(config) -> list[str]:
   e, errors = config.eval, []
   if e.best_metric not in BEST_METRICS:
@@ -297,7 +333,8 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
   device_count = jax.device_count() if device_count is None else device_count
   process_count = jax.process_count() if process_count is None else process_count
   errors = (_objective_errors(config) + _input_errors(config) + _mixture_errors(config) + _model_errors(config)
-            + _batch_errors(config, device_count, process_count) + _schedule_errors(config) + _eval_errors(config))
+            + _batch_errors(config, device_count, process_count) + _schedule_errors(config) + _eval_errors(config)
+            + _text_text_errors(config, device_count))
   if workdir is not None and os.path.isfile(workdir):
     errors.append(f"workdir: {workdir} is a file, not a directory")
   return errors
@@ -373,6 +410,19 @@ def _eval_errors_against_data(config, data) -> list[str]:
   return errors + _record_errors(data.eval, "config.data.eval_split", what, data.feature_dim)
 
 
+def _region_class_errors(config, data) -> list[str]:
+  """Masked object classification needs per-region detector classes, which older datasets lack."""
+  from vldeformer_jax.training import moc
+  if not moc.wants_region_labels(config) or not len(data.train):
+    return []
+  record = data.train[0]
+  if "region_classes" in record:
+    return []
+  return [f"config.early_interaction.moc_weight: masked object classification needs per-region detector classes, "
+          f"but split {config.data.train_split!r} of dataset {config.data.name!r} has none (prepared before they "
+          f"were stored): prepare it again (launch/prepare_data.py --overwrite) or set moc_weight=0"]
+
+
 def check_against_data(config, model_config, data) -> None:
   """The checks that need the opened dataset and the final model config (still before compiling): what
   would otherwise fail at the first evaluation or the first batch, after minutes of compiling and training."""
@@ -390,5 +440,6 @@ def check_against_data(config, model_config, data) -> None:
                            f"split {config.data.train_split!r} of dataset {config.data.name!r}", data.feature_dim)
   errors += _caption_count_errors(config, data)
   errors += _eval_errors_against_data(config, data)
+  errors += _region_class_errors(config, data)
   if errors:
     raise ConfigError(errors)

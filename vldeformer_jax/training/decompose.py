@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from vldeformer_jax import parallel
 from vldeformer_jax.model.vldeformer import VLDeformer
+from vldeformer_jax.retrieval import late_interaction
 from vldeformer_jax.training import grad_cache
 from vldeformer_jax.training import losses
 
@@ -30,25 +31,34 @@ BRANCHES = (("text_", "text", False), ("image_", "image", True), ("neg_text_", "
             ("neg_image_", "neg_image", True))
 
 
+BITEXT_KEY = 4  # the bitext's dropout key: fold_in(step key, 4), apart from the branches' split
+
+
 def branch_keys(rng) -> dict[str, jax.Array]:
   """The dropout key of each branch for the step key `rng`."""
   return {name: key for (_, name, _), key in zip(BRANCHES, jax.random.split(rng, len(BRANCHES)))}
 
 
-def embed_rows(model: VLDeformer, params, ids, tt, mask, feats, keys):
-  """`VLDeformer.embed` of each row on its own with its own dropout key: [N, ...] inputs, keys [N] -> [N, D]."""
+def embed_rows(model: VLDeformer, params, ids, tt, mask, feats, keys, with_states: bool = False):
+  """`VLDeformer.embed` of each row on its own with its own dropout key: [N, ...] inputs, keys [N] -> [N, D];
+  `with_states`: `VLDeformer.embed_with_states`, ([N, D], the sequence output [N, L, H]) of the same pass."""
+  method = VLDeformer.embed_with_states if with_states else VLDeformer.embed
+
   def one(ids, tt, mask, feats, key):
     feats = None if feats is None else feats[None]
-    return model.apply({"params": params}, ids[None], tt[None], mask[None], feats, deterministic=False,
-                       method=VLDeformer.embed, rngs={"dropout": key})[0]
+    out = model.apply({"params": params}, ids[None], tt[None], mask[None], feats, deterministic=False,
+                      method=method, rngs={"dropout": key})
+    return jax.tree.map(lambda x: x[0], out)
   return jax.vmap(one)(ids, tt, mask, feats, keys)
 
 
-def embed(model: VLDeformer, params, batch, prefix: str, rng, with_images: bool, rows=None):
+def embed(model: VLDeformer, params, batch, prefix: str, rng, with_images: bool, rows=None,
+          with_states: bool = False):
   """The embeddings of one branch: [B, D], or [B, K, D] for composed negatives ([B, K, ...] inputs).
 
   `rows`: the global indices of the batch's rows (default 0..B-1); row r's dropout key is
-  `fold_in(rng, r)` ([B, K]: `fold_in(rng, r * K + k)`).
+  `fold_in(rng, r)` ([B, K]: `fold_in(rng, r * K + k)`). `with_states` ([B, ...] inputs only): also the
+  sequence output [B, L, H] of the same pass, for the late-interaction term.
   """
   ids, tt, mask = (batch[f"{prefix}input_ids"], batch[f"{prefix}token_type_ids"],
                    batch[f"{prefix}attention_mask"])
@@ -61,17 +71,49 @@ def embed(model: VLDeformer, params, batch, prefix: str, rng, with_images: bool,
     ids, tt, mask = (x.reshape((-1,) + x.shape[2:]) for x in (ids, tt, mask))
     feats = None if feats is None else feats.reshape((-1,) + feats.shape[2:])
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows)
+  if with_states:
+    return embed_rows(model, params, ids, tt, mask, feats, keys, with_states=True)
   emb = embed_rows(model, params, ids, tt, mask, feats, keys)
   return emb.reshape(lead + emb.shape[-1:])
 
 
-def embed_all(model: VLDeformer, params, batch, keys: dict[str, jax.Array], rows=None) -> dict[str, jax.Array]:
-  """Every branch the batch carries: {"text", "image"[, "neg_text", "neg_image"]} -> embeddings."""
+def embed_all(model: VLDeformer, params, batch, keys: dict[str, jax.Array], rows=None,
+              with_states: bool = False) -> dict[str, jax.Array]:
+  """Every branch the batch carries: {"text", "image"[, "neg_text", "neg_image"]} -> embeddings.
+  `with_states`: also `text_states` / `image_states` (the sequence outputs) and `text_token_mask` /
+  `image_token_mask` (`late_interaction.content_mask`: words, tags and regions; no CLS, SEP, padding)."""
   out = {}
   for prefix, name, with_images in BRANCHES:
-    if f"{prefix}input_ids" in batch:
+    if f"{prefix}input_ids" not in batch:
+      continue
+    if with_states and name in ("text", "image"):
+      out[name], out[f"{name}_states"] = embed(model, params, batch, prefix, keys[name], with_images, rows,
+                                               with_states=True)
+      out[f"{name}_token_mask"] = late_interaction.content_mask(batch[f"{prefix}attention_mask"],
+                                                                batch[f"{prefix}input_ids"].shape[-1])
+    else:
       out[name] = embed(model, params, batch, prefix, keys[name], with_images, rows)
   return out
+
+
+def late_weight(config) -> float:
+  """`loss.late_interaction_weight` (0 when a config predates it)."""
+  return float(config.loss.get("late_interaction_weight", 0.0))
+
+
+def text_text_weight(config) -> float:
+  """`loss.text_text_weight` (0 when a config predates it)."""
+  return float(config.loss.get("text_text_weight", 0.0))
+
+
+def embed_bitext(model: VLDeformer, params, batch, rng) -> dict[str, jax.Array]:
+  """Both sides of the bitext pairs (`bitext_a_*`, `bitext_b_*`, [Bt, L]) through the text branch in one
+  pass over the 2 Bt rows (row r of side b keyed `fold_in(rng, Bt + r)`): {"bitext_a", "bitext_b"} [Bt, D]."""
+  n = batch["bitext_a_input_ids"].shape[0]
+  both = {f"bitext_{k}": jnp.concatenate([batch[f"bitext_a_{k}"], batch[f"bitext_b_{k}"]], axis=0)
+          for k in ("input_ids", "token_type_ids", "attention_mask")}
+  emb = embed(model, params, both, "bitext_", rng, False)
+  return {"bitext_a": emb[:n], "bitext_b": emb[n:]}
 
 
 def make_objective(config, mesh) -> Callable:
@@ -86,6 +128,10 @@ def make_objective(config, mesh) -> Callable:
   else:
     contrastive = losses.sharded_contrastive_loss(
         mesh, name=lc.name, beta=lc.beta, tau_plus=lc.tau_plus, margin=lc.margin, chunk_size=lc.chunk_size)
+  late_w = late_weight(config)
+  late = losses.sharded_late_interaction_loss(mesh, margin=lc.margin) if late_w > 0 else None
+  tt_w = text_text_weight(config)
+  text_text = losses.sharded_text_text_loss(mesh, chunk_size=lc.chunk_size) if tt_w > 0 else None
 
   def objective(embeddings, loss_params):
     log_t = loss_params["log_temperature"]
@@ -97,6 +143,15 @@ def make_objective(config, mesh) -> Callable:
       loss, metrics = sigmoid(*args, temperature, loss_params["logit_bias"])
     else:
       loss, metrics = contrastive(*args, (temperature, temperature))
+    if late is not None:  # docs/method.md §7.5
+      late_loss, late_metrics = late(embeddings["text_states"], embeddings["text_token_mask"],
+                                     embeddings["image_states"], embeddings["image_token_mask"])
+      metrics = dict(metrics, **late_metrics)
+      loss = loss + late_w * late_loss
+    if text_text is not None:  # docs/method.md §4.9: same temperature as the image-text loss
+      tt_loss, tt_metrics = text_text(embeddings["bitext_a"], embeddings["bitext_b"], temperature)
+      metrics = dict(metrics, **tt_metrics)
+      loss = loss + tt_w * tt_loss
     return loss, dict(metrics, loss=loss)
 
   return objective
@@ -112,7 +167,10 @@ def make_loss_fn(model: VLDeformer, config, mesh) -> Callable:
 
   def loss_fn(trainable, batch, rng):
     params, loss_params = _split(trainable)
-    return objective(embed_all(model, params, batch, branch_keys(rng)), loss_params)
+    embeddings = embed_all(model, params, batch, branch_keys(rng), with_states=late_weight(config) > 0)
+    if text_text_weight(config) > 0:
+      embeddings.update(embed_bitext(model, params, batch, jax.random.fold_in(rng, BITEXT_KEY)))
+    return objective(embeddings, loss_params)
 
   return loss_fn
 

@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
                                # evaluation stays on `name`. '' = train on `name` alone
   c.data.train_split = "train"
   c.data.eval_split = "test"
+  c.data.bitext = ""           # a bitext file (data/bitext.py): caption-translation pairs for loss.text_text_weight
+  c.data.bitext_batch_size = 0  # pairs per global step (0: train.global_batch_size)
   c.data.max_text_len = 35     # caption tokens and tag tokens, each (docs/method.md §3.2); also the model's
   c.data.max_tag_len = 0       # > 0: tag tokens, when tags are shorter than captions; also the model's
   c.data.max_regions = 70      # regions per image (docs/method.md §3.2); also the model's
@@ -76,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.learnable_temperature = False  # learn log(temperature), initialised at `temperature`
   c.loss.beta = 0.0            # 'hardness': concentration (docs/method.md §4.2)
   c.loss.tau_plus = 0.0        # 'hardness': false-negative prior (docs/method.md §4.2)
-  c.loss.margin = 0.2          # 'hinge'
+  c.loss.margin = 0.2          # 'hinge'; also the late-interaction term's margin
+  c.loss.text_text_weight = 0.0  # objective 'decompose': + w * symmetric InfoNCE over data.bitext pairs (§4.9)
+  c.loss.late_interaction_weight = 0.0  # objective 'decompose': + w * max-violation hinge on S_MrSw (§7.5)
   c.loss.chunk_size = 0        # > 0: rows of the logits in chunks (memory), same result
   c.loss.bias_init = -10.0     # 'sigmoid': initial learnable logit bias (SigLIP; with temperature 0.1)
   c.loss.mlm_weight = 1.0      # objective 'early_interaction': weight of the MLM term

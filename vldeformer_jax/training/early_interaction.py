@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from vldeformer_jax.model.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
+from vldeformer_jax.training import moc
 from vldeformer_jax.training.losses import balanced_match_loss, contrastive_loss, match_loss, mlm_loss
 from vldeformer_jax.model.vldeformer import VLDeformer
 
@@ -62,6 +63,7 @@ DEFAULTS = {
     "cls_token_id": 101,
     "sep_token_id": 102,
     "pad_token_id": 0,
+    **moc.DEFAULTS,             # masked object classification (training/moc.py): moc_weight 0 = off
 }
 
 
@@ -78,6 +80,9 @@ def options(config) -> dict[str, Any]:
     raise ValueError(f"config.early_interaction.hard_fraction must be in [0, 1], got {opts['hard_fraction']!r}")
   if opts["mlm_pass"] not in ("separate", "shared"):
     raise ValueError(f"config.early_interaction.mlm_pass must be 'separate' or 'shared', got {opts['mlm_pass']!r}")
+  if not 0.0 < float(opts["moc_probability"]) <= 1.0 or float(opts["moc_weight"]) < 0:
+    raise ValueError(f"config.early_interaction: moc_probability must be in (0, 1] and moc_weight >= 0, got "
+                     f"{opts['moc_probability']!r} and {opts['moc_weight']!r}")
   if opts["negatives"] not in NEGATIVE_MODES:
     raise ValueError(f"config.early_interaction.negatives must be one of {NEGATIVE_MODES}, "
                      f"got {opts['negatives']!r}")
@@ -307,7 +312,8 @@ def _mlm_forward(model: VLDeformer, params, rows, masked_ids: Array, positions: 
 def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array], rng: Array,
                            config) -> tuple[Array, dict[str, Array]]:
   """ITM cross entropy + `itc_weight` * ITC + `rank_weight` * ranking + `config.loss.mlm_weight` * MLM
-  cross entropy (docs/method.md §4.5), and scalar metrics.
+  cross entropy (docs/method.md §4.5) + `moc_weight` * masked object classification (§4.8, training/moc.py),
+  and scalar metrics.
 
   `model` is a `VLDeformer`, `params` its parameter tree, `batch` a training batch (ARCHITECTURE.md),
   `rng` a PRNG key (negatives, masking, dropout), `config` the training ConfigDict: reads
@@ -323,6 +329,14 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
     metrics.update(itc_metrics)
   pairs, labels = build_match_pairs(model, params, batch, r_neg, opts, embeddings)
   n = batch["text_input_ids"].shape[0]
+  moc_weight = float(opts["moc_weight"])
+  if moc_weight > 0:  # on the positives (the first n pairs), before any MLM masking
+    if "image_region_labels" not in batch:
+      raise KeyError("config.early_interaction.moc_weight > 0 needs `image_region_labels` in the batch "
+                     "(the pipeline's region_labels=True; training/setup.py sets it from the config)")
+    moc_loss, moc_metrics = moc.moc_term(model, params, {k: v[:n] for k, v in pairs.items()},
+                                         batch["image_region_labels"], jax.random.fold_in(r_mask, 7), opts)
+    metrics.update(moc_metrics)
 
   # MLM targets, set here only. The shared pass masks every packed row alike (so [MASK] tokens do not tell
   # positives from negatives) and scores the positives, whose caption and tags describe the regions beside
@@ -349,6 +363,8 @@ def early_interaction_loss(model: VLDeformer, params, batch: Mapping[str, Array]
     mlm, mlm_metrics = mlm_loss(mlm_logits, mlm_labels, weights)
     metrics.update(mlm_metrics)
     loss = loss + mlm_weight * mlm
+  if moc_weight > 0:
+    loss = loss + moc_weight * moc_loss
   metrics["loss"] = loss
   return loss, metrics
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vldeformer_jax.data import bitext
 from vldeformer_jax.data import demo_world
 from vldeformer_jax.data import mixture
 from vldeformer_jax.data import negatives
@@ -33,6 +34,7 @@ from vldeformer_jax.io import files as fileio
 from vldeformer_jax.model import inputs
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.model.vldeformer import init_params
+from vldeformer_jax.training import moc
 from vldeformer_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,20 @@ def make_iterator(config, data: Data, vocab_file: str, workdir: str):
       max_regions=config.data.max_regions,
       feature_dim=data.feature_dim, num_captions_per_image=config.data.num_captions_per_image,
       negatives_per_pair=config.data.negatives.num_per_pair, replace_ratio=config.data.negatives.replace_ratio,
-      worker_count=config.data.worker_count, prefetch=config.data.prefetch, tag_vocabulary=tag_vocabulary)
+      worker_count=config.data.worker_count, prefetch=config.data.prefetch, tag_vocabulary=tag_vocabulary,
+      region_labels=moc.wants_region_labels(config), bitext=bitext_batches(config))
+
+
+def bitext_batches(config):
+  """The caption-translation rows of each step (data/bitext.py) when `loss.text_text_weight` > 0, else None."""
+  if config.objective != "decompose" or float(config.loss.get("text_text_weight", 0.0)) <= 0:
+    return None
+  pairs = bitext.read_bitext(config.data.bitext)
+  log.info("data: %d bitext pairs from %s", len(pairs), config.data.bitext)
+  return bitext.BitextBatches(pairs, global_batch_size=int(config.data.bitext_batch_size or
+                                                           config.train.global_batch_size),
+                              seed=config.seed, max_len=config.data.max_text_len,
+                              process_index=jax.process_index(), process_count=jax.process_count())
 
 
 # ------------------------------------------------------------------------------------------------------
