@@ -5,6 +5,8 @@ r"""Writes the synthetic demo dataset and prepares it as a tfds dataset (skipped
   python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data --variant=object   # -> vldeformer_demo_objects
   python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data --num_train=1000 --bitext
       # also the Spanish bitext of the training captions and vldeformer_demo_es (data/bitext.py)
+  python launch/make_demo_data.py --data_dir=/tmp/vldeformer_data --num_train=1000 --noisy_captions=0.2
+      # -> vldeformer_demo_noisy20: 20% of the training captions are other images' (data/noisy_pairs.py)
 
 Read it with `vldeformer_jax.data.prepare.load_split(data_dir, "vldeformer_demo", split)`; splits train,
 test and test_1k. See vldeformer_jax/data/demo.py for what the images and captions contain.
@@ -30,6 +32,9 @@ flags.DEFINE_integer("num_test", None, "Test images (default 1000, test_1k holds
 flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same name.")
 flags.DEFINE_bool("bitext", False, "Scene variant: also write the training captions' Spanish translations (a "
                   "bitext file) and <name>_es, the test split with Spanish captions (data/bitext.py).")
+flags.DEFINE_float("noisy_captions", 0.0, "Scene variant: this fraction of the training captions replaced by "
+                   "other images' captions (test split clean); default name <name>_noisy<percent>.")
+flags.DEFINE_integer("noise_seed", 0, "Seed of the replaced captions' choice (--noisy_captions).")
 
 
 def main(argv):
@@ -42,13 +47,19 @@ def main(argv):
   num_train = FLAGS.num_train or (600 if obj else demo.DEFAULT_NUM_TRAIN)
   num_test = FLAGS.num_test or (200 if obj else 1000)
   name = FLAGS.name or (demo.OBJECT_DEMO_NAME if obj else demo.DEMO_NAME)
+  if obj and FLAGS.noisy_captions:
+    raise app.UsageError("--noisy_captions applies to --variant=scene only")
+  noisy = {} if obj or not FLAGS.noisy_captions else {"noisy_captions": FLAGS.noisy_captions,
+                                                       "noise_seed": FLAGS.noise_seed}
+  if noisy and not FLAGS.name:
+    name = f"{name}_noisy{round(100 * FLAGS.noisy_captions)}"
   if FLAGS.vinvl_dir:
     write = demo.write_object_demo_vinvl if obj else demo.write_demo_vinvl
-    print(write(FLAGS.vinvl_dir, FLAGS.seed, num_train, num_test))
+    print(write(FLAGS.vinvl_dir, FLAGS.seed, num_train, num_test, **noisy))
   else:
     prep = demo.prepare_object_demo if obj else demo.prepare_demo
     print(prep(FLAGS.data_dir, FLAGS.seed, num_train=num_train, num_test=num_test, name=name,
-               overwrite=FLAGS.overwrite))
+               overwrite=FLAGS.overwrite, **noisy))
     if FLAGS.bitext and not obj:
       print(bitext.prepare_bitext_demo(FLAGS.data_dir, name, overwrite=FLAGS.overwrite))
 

@@ -9,7 +9,7 @@ from vldeformer_jax import parallel
 from vldeformer_jax.data import bitext
 from vldeformer_jax.data import demo_world
 from vldeformer_jax.model import inputs
-from vldeformer_jax.training import losses
+from vldeformer_jax.training import text_text_term
 from tolerances import ELEMENTARY, assert_f32, f32_bound, max_abs
 
 
@@ -94,7 +94,7 @@ def test_sharded_text_text_loss_equals_one_device_and_float64_reference():
   values = {}
   for devices, shape in ((1, (1, 1, 1)), (8, (2, 2, 2))):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[:devices])
-    fn = losses.sharded_text_text_loss(mesh)
+    fn = text_text_term.sharded_text_text_loss(mesh)
     sharding = parallel.batch_sharding(mesh)
     xa, xb = jax.device_put(a, sharding), jax.device_put(b, sharding)
     (loss, m), grads = jax.jit(jax.value_and_grad(lambda x, y: fn(x, y, temp), argnums=(0, 1), has_aux=True))(xa, xb)
@@ -157,7 +157,7 @@ def test_decomposition_adds_the_weighted_text_text_term():
   (off, m_off), (on, m_on) = out[0.0], out[0.5]
   assert "tt_loss" not in m_off and 0 < float(m_on["tt_a2b_accuracy"]) <= 1
   emb = decompose.embed_bitext(model, params, batch, jax.random.key(2))  # no dropout: any key
-  tt, _ = losses.sharded_text_text_loss(mesh)(emb["bitext_a"], emb["bitext_b"], 0.1)
+  tt, _ = text_text_term.sharded_text_text_loss(mesh)(emb["bitext_a"], emb["bitext_b"], 0.1)
   # Rule F32-PAIR: the same forward and loss as another program (a 1-layer encoder of 8 tokens, the loss
   # over 8 pairs); then one multiply-add.
   n_tt = 2 * (8 * 32 + 64 + 8) + 2 * 32 + 16 + 6 * ELEMENTARY + 6

@@ -222,12 +222,12 @@ def test_encoder_token_states_are_the_decomposed_sequence_output():
 
 
 # ------------------------------------------------------------------------------------------------------
-# The training term (training/losses.py `late_interaction_loss`): sharded over 8 devices = one device.
+# The training term (training/late_interaction_term.py `late_interaction_loss`): sharded over 8 devices = one device.
 
 def test_late_interaction_loss_sharded_equals_single_device():
   import jax
   from vldeformer_jax import parallel
-  from vldeformer_jax.training import losses
+  from vldeformer_jax.training import late_interaction_term
   from tolerances import gamma, max_abs
 
   g, w_len, t_len, h = 16, 6, 7, 8
@@ -238,10 +238,10 @@ def test_late_interaction_loss_sharded_equals_single_device():
   w_mask = (np.arange(w_len)[None] < rng.integers(1, w_len + 1, g)[:, None]).astype(np.int32)
   t_mask = (np.arange(t_len)[None] < rng.integers(1, t_len + 1, g)[:, None]).astype(np.int32)
   mesh = parallel.make_mesh(8, 1, 1)
-  sharded = losses.sharded_late_interaction_loss(mesh, margin=0.2)
+  sharded = late_interaction_term.sharded_late_interaction_loss(mesh, margin=0.2)
 
   def single(w, t):
-    return losses.late_interaction_loss(w, w_mask, t, t_mask, margin=0.2)[0]
+    return late_interaction_term.late_interaction_loss(w, w_mask, t, t_mask, margin=0.2)[0]
 
   def split(w, t):
     return sharded(w, w_mask, t, t_mask)[0]
@@ -269,7 +269,7 @@ def test_decomposition_objective_adds_the_weighted_late_term():
   from vldeformer_jax.model import inputs
   from vldeformer_jax.model.config import ModelConfig
   from vldeformer_jax.model.vldeformer import VLDeformer
-  from vldeformer_jax.training import decompose, losses
+  from vldeformer_jax.training import decompose, late_interaction_term
   from vldeformer_jax.training.defaults import base_config
   from model_helpers import tiny_params
   from tolerances import gamma, transformer_depth
@@ -298,8 +298,8 @@ def test_decomposition_objective_adds_the_weighted_late_term():
   lw, mw = loss_with(0.5)
   assert float(mw["late_loss"]) > 0
   emb = jax.jit(lambda p: decompose.embed_all(model, p, batch, decompose.branch_keys(key), with_states=True))(params)
-  ref = losses.late_interaction_loss(emb["text_states"], emb["text_token_mask"], emb["image_states"],
-                                     emb["image_token_mask"], margin=0.2)[0]
+  ref = late_interaction_term.late_interaction_loss(emb["text_states"], emb["text_token_mask"],
+                                                    emb["image_states"], emb["image_token_mask"], margin=0.2)[0]
   # Rule F32-PAIR through the states: each entry of h within 2 gamma(depth) max|h| of the other program's;
   # a unit state then moves by at most 2 sqrt(H) that / min ||h||, a cosine by twice that, the loss (two
   # scores per hinge, two directions) by 4 times a cosine's move; plus the loss's own rounding (rule F32 of

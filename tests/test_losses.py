@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vldeformer_jax.training import losses
+from vldeformer_jax.training import early_interaction_losses, losses
 
 from vldeformer_jax import parallel
 
@@ -31,8 +31,8 @@ NAMES = ("infonce", "hardness", "hinge")
 # Jitted once, so the known-answer tests do not pay for op-by-op dispatch.
 contrastive_loss = jax.jit(losses.contrastive_loss,
                            static_argnames=("name", "beta", "tau_plus", "margin", "chunk_size", "axis_name"))
-match_loss = jax.jit(losses.match_loss)
-mlm_loss = jax.jit(losses.mlm_loss)
+match_loss = jax.jit(early_interaction_losses.match_loss)
+mlm_loss = jax.jit(early_interaction_losses.mlm_loss)
 
 
 # ------------------------------------------------------------------------------------------------------

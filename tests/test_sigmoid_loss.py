@@ -1,4 +1,4 @@
-"""The sigmoid loss (`loss.name = sigmoid`, losses.sigmoid_loss; docs/method.md §4.7).
+"""The sigmoid loss (`loss.name = sigmoid`, training/sigmoid_loss.py `sigmoid_loss`; docs/method.md §4.7).
 
 - sharded over 8 devices (data=8 and data=2 x fsdp=2 x model=2), with its caption blocks rotating around
   the batch axes, it equals a dense float64 reference written from the definition (every pair's logit
@@ -22,7 +22,7 @@ tiny = config_module("tiny")
 from vldeformer_jax import parallel  # noqa: E402
 from vldeformer_jax.io import checkpoint as ckpt_lib  # noqa: E402
 from vldeformer_jax.model.vldeformer import VLDeformer  # noqa: E402
-from vldeformer_jax.training import losses, optim  # noqa: E402
+from vldeformer_jax.training import losses, optim, sigmoid_loss  # noqa: E402
 from vldeformer_jax.training import setup as train_setup  # noqa: E402
 from vldeformer_jax.training import state as state_lib  # noqa: E402
 from vldeformer_jax.training import step as step_lib  # noqa: E402
@@ -81,7 +81,7 @@ def sharded(mesh_shape):
   p = worker.make_problem()
   feats = parallel.global_batch({k: p[k] for k in worker.EMB_KEYS}, mesh)
   w = jax.device_put(p["w"], parallel.replicated(mesh))
-  loss_fn = losses.sharded_sigmoid_loss(mesh)
+  loss_fn = sigmoid_loss.sharded_sigmoid_loss(mesh)
 
   def objective(w, offsets, temperature, bias):
     embs = {k: jnp.einsum("...f,fd->...d", feats[k], w) + offsets[k] for k in worker.EMB_KEYS}
@@ -136,7 +136,7 @@ def test_sigmoid_hand_computed_example():
   t = jnp.array([[1.0, 0.0], [0.0, 1.0]])
   # Orthonormal pairs, T = 1, b = 0: positives softplus(-1), negatives softplus(0) = log 2; two of each,
   # divided by G = 2. Rule F32 (n: 2-d cosines, the softplus, a 4-term sum and the division).
-  loss, m = losses.sigmoid_loss(t, 3.0 * t, temperature=1.0, bias=0.0)
+  loss, m = sigmoid_loss.sigmoid_loss(t, 3.0 * t, temperature=1.0, bias=0.0)
   want = np.log1p(np.exp(-1.0)) + np.log(2.0)
   assert_f32(loss, want, n=2 * 2 + 4 + 2 * ELEMENTARY + 4 + 1, scale=2 * (1 + np.log(2.0)))
   assert float(m["t2i_accuracy"]) == 1.0 and float(m["i2t_accuracy"]) == 1.0  # rule EXACT: 1 > 0

@@ -5,7 +5,7 @@ A bitext file is JSON: `{"format": "vldeformer_jax.bitext", "version": 1, "pairs
 (`bitext_a_*` / `bitext_b_*` token arrays, [Bt, L] each, like `text_*`), deterministically in (seed, step),
 process p taking rows [p*Bt/P, (p+1)*Bt/P); the decomposition embeds both sides with the one text encoder and
 adds `loss.text_text_weight` x a symmetric in-batch InfoNCE over the gathered pairs
-(training/losses.py `sharded_text_text_loss`).
+(training/text_text_term.py `sharded_text_text_loss`).
 
 The demo's second language (`prepare_bitext_demo`): Spanish, from a small hand-made lexicon of real words for
 the demo world's classes, colours, sizes and relations, with Spanish word order (adjectives after the noun,

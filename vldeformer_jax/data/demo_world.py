@@ -315,11 +315,13 @@ def _write_tsv(path: str, rows) -> None:
 
 
 def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
-                     num_test: int = 1000) -> dict:
+                     num_test: int = 1000, noisy_captions: float = 0.0, noise_seed: int = 0) -> dict:
   """Writes the demo in the VinVL layout into `out_dir` (which must not exist); deterministic in `seed`.
 
   Files: features.tsv/.lineidx, imageid2idx.json, predictions.tsv/.lineidx, {train,test}_captions.json,
   test_img_keys.tsv (all test images, shuffled), test_img_keys_1k.tsv (1000 of them, another order).
+  `noisy_captions` p > 0: round(p * N) of the N training captions replaced by other training images'
+  captions (data/noisy_pairs.py, seeded by `noise_seed`; the images and the test split are unchanged).
   Returns a summary dict.
   """
   if os.path.exists(out_dir):
@@ -353,9 +355,13 @@ def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_T
     _write_tsv(os.path.join(tmp, "predictions.tsv"), prediction_rows())
     with open(os.path.join(tmp, "imageid2idx.json"), "w") as f:
       json.dump({str(everything[r].image_id): i for i, r in enumerate(row_order)}, f)
-    for split, imgs in (("train", train), ("test", test)):
+    train_captions = [img.captions for img in train]
+    if noisy_captions > 0:  # docs/method.md §4.10
+      from vldeformer_jax.data import noisy_pairs
+      train_captions, _ = noisy_pairs.replace_captions(train_captions, noisy_captions, noise_seed)
+    for split, imgs, caps in (("train", train, train_captions), ("test", test, [img.captions for img in test])):
       with open(os.path.join(tmp, f"{split}_captions.json"), "w") as f:
-        json.dump({str(img.image_id): img.captions for img in imgs}, f)
+        json.dump({str(img.image_id): c for img, c in zip(imgs, caps)}, f)
     with open(os.path.join(tmp, SCENES_FILE), "w") as f:
       json.dump({str(img.image_id): scene_description(img) for img in everything}, f)
     test_ids = [img.image_id for img in test]
@@ -377,12 +383,17 @@ def scenes_path(data_dir: str, name: str) -> str:
 
 
 def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_TRAIN, num_test: int = 1000,
-                 name: str = DEMO_NAME, overwrite: bool = False) -> str:
+                 name: str = DEMO_NAME, overwrite: bool = False, noisy_captions: float = 0.0,
+                 noise_seed: int = 0) -> str:
   """Writes the demo VinVL files to a scratch dir and prepares them into `<data_dir>/<name>` with
-  `prepare_vinvl`; returns `name`. Skips the work when that dataset exists with the same parameters."""
+  `prepare_vinvl`; returns `name`. Skips the work when that dataset exists with the same parameters.
+  `noisy_captions` > 0 (with `noise_seed`): see `write_demo_vinvl`; both recorded in the metadata."""
   want = {"seed": int(seed), "num_train": int(num_train), "num_test": int(num_test),
           "generator_version": GENERATOR_VERSION}
-  return _prepare_generated(data_dir, name, want, lambda out: write_demo_vinvl(out, seed, num_train, num_test),
+  if noisy_captions > 0:  # only then: a clean dataset's metadata is what it always was
+    want.update(noisy_captions=float(noisy_captions), noise_seed=int(noise_seed))
+  write = lambda out: write_demo_vinvl(out, seed, num_train, num_test, noisy_captions, noise_seed)  # noqa: E731
+  return _prepare_generated(data_dir, name, want, write,
                             f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
                             overwrite)
 

@@ -31,6 +31,7 @@ from vldeformer_jax.data import negatives as negatives_lib
 from vldeformer_jax.data import storage
 from vldeformer_jax.data import wordpieces as wordpieces_lib
 from vldeformer_jax.data import region_classes as region_classes_lib
+from vldeformer_jax.data import topics as topics_lib
 
 STATE_FORMAT = "vldeformer_jax.train_iterator"
 _MAX_STEPS = 2 ** 62  # "infinite": a lazy grain range over step numbers
@@ -70,7 +71,7 @@ class BatchBuilder:
   def __init__(self, source, *, tokenizer, global_batch_size: int, seed: int, max_text_len: int,
                max_regions: int, feature_dim: int, num_captions_per_image: int, negatives_per_pair: int,
                replace_ratio: float, process_index: int, process_count: int, tag_vocabulary=None,
-               max_tag_len: int = 0, region_labels: bool = False, bitext=None):
+               max_tag_len: int = 0, region_labels: bool = False, bitext=None, topics=None):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0 <= process_index < process_count:
@@ -105,6 +106,7 @@ class BatchBuilder:
     # `image_region_labels` [B, R] (masked object classification, docs/method.md §4.8) when asked for.
     self.region_labels = region_classes_lib.ClassWords(tokenizer) if region_labels else None
     self.bitext = bitext  # data/bitext.py BitextBatches: `bitext_a_*` / `bitext_b_*` beside the batch, or None
+    self.topics = topics  # data/topics.py TopicTargets: `image_topic_target` + `topic_word_*` (§4.10), or None
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -188,6 +190,9 @@ class BatchBuilder:
     if self.bitext is not None:
       with _TOKENIZER_LOCK:  # see _tokenize
         batch.update(self.bitext(step, self.tokenizer))
+    if self.topics is not None:  # (the wordpiece cache takes the tokenizer lock itself)
+      batch.update(self.topics.batch([r["captions"][:self.num_captions_per_image] for r in records],
+                                     self._wordpieces, self.max_text_len))
     return batch
 
   def _negatives(self, records, captions, indices, epoch) -> dict[str, np.ndarray]:
@@ -341,7 +346,7 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
                         negatives_per_pair: int = 0, replace_ratio: float = 0.3, process_index: int | None = None,
                         process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
                         tag_vocabulary=None, max_tag_len: int = 0, region_labels: bool = False,
-                        bitext=None) -> TrainIterator:
+                        bitext=None, topics=None) -> TrainIterator:
   """The training iterator over `source` (random access: `len`, `[i]` -> record dict, see ARCHITECTURE.md).
 
   Yields this process's rows of each global batch: dicts of numpy arrays with the "Training batch" keys
@@ -352,6 +357,7 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
   `region_labels`: add `image_region_labels` [B, R] int32, the word id of each region's detector class
   (data/region_classes.py; 0 on padding), for masked object classification. `bitext`: a
   `data.bitext.BitextBatches` whose caption-translation rows of each step ride along (`bitext_a_*`, `bitext_b_*`).
+  `topics`: a `data.topics.TopicTargets`: add `image_topic_target` [B, V] and `topic_word_*` [B, V, L].
   """
   if process_index is None or process_count is None:
     import jax
@@ -362,5 +368,5 @@ def make_train_iterator(source, *, tokenizer, global_batch_size: int, seed: int,
       max_regions=max_regions, feature_dim=feature_dim, num_captions_per_image=num_captions_per_image,
       negatives_per_pair=negatives_per_pair, replace_ratio=replace_ratio, process_index=process_index,
       process_count=process_count, tag_vocabulary=tag_vocabulary, max_tag_len=max_tag_len,
-      region_labels=region_labels, bitext=bitext)
+      region_labels=region_labels, bitext=bitext, topics=topics)
   return TrainIterator(builder, worker_count=worker_count, prefetch=prefetch)

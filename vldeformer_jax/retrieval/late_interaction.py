@@ -17,7 +17,7 @@ API (what the index, evaluation and training use):
   content_mask(attention_mask [N, L], segment_len) -> int32 jax.Array [N, L]
         1 on the real words / tags of the first `segment_len` positions (no CLS, SEP, padding) and on every
         later unmasked position (regions); jnp, so it also runs inside the jitted train step
-  losses.late_interaction_loss / sharded_late_interaction_loss (training/losses.py): the training term
+  late_interaction_loss / sharded_late_interaction_loss (training/late_interaction_term.py): the training term
 
 Token states come from `Encoder.text_token_states*` / `Encoder.image_token_states*` (retrieval/encoder.py):
 the last layer's sequence output of the decomposed (single-modality) forward, L2-normalised per token.

@@ -5,7 +5,12 @@
   setup.py             data, the init order, the input iterator, the final export
   state.py             TrainState, its shardings and its abstract (restore-anywhere) form
   optim.py             AdamW, warm-up + cosine, decay masks
-  losses.py            gathered contrastive losses, the ring sigmoid loss, match and MLM cross-entropies
+  losses.py            the gathered contrastive losses (InfoNCE, hardness, hinge; chunked, sharded)
+  sigmoid_loss.py      the sigmoid (SigLIP) loss, caption blocks rotating around the devices
+  early_interaction_losses.py  stage 1's match (ITM) and MLM cross-entropies
+  late_interaction_term.py     the optional late-interaction (MrSw hinge) term
+  text_text_term.py    the optional text-text (bitext) term
+  topic.py             the optional topic target (KL to the captions' class-word bag; parameter-free head)
   grad_cache.py        gradient caching: the full-pool gradient, micro-batch by micro-batch
   decompose.py         stage 2: the decomposition objective
   early_interaction.py stage 1: the early-interaction objective (ITM, MLM, ranking, ITC)

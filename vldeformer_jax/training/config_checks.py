@@ -316,6 +316,21 @@ def _text_text_errors(config, device_count: int) -> list[str]:
   return errors
 
 
+def _topic_errors(config) -> list[str]:
+  """The topic target (docs/method.md §4.10): a decomposition, one pass per step."""
+  w = float(config.loss.get("topic_weight", 0.0))
+  field, errors = "config.loss.topic_weight", []
+  if w < 0:
+    errors.append(f"{field}: must be >= 0, got {w}")
+  if w <= 0:
+    return errors
+  if config.objective != "decompose":
+    errors.append(f"{field}: applies to objective 'decompose' only, not {config.objective!r}")
+  if int(config.train.get("micro_batch_size", 0)) > 0:
+    errors.append(f"{field}: not with train.micro_batch_size (gradient caching embeds the image-text pool only)")
+  return errors
+
+
 def _eval_errors(config) -> list[str]:
   e, errors = config.eval, []
   if e.best_metric not in BEST_METRICS:
@@ -334,7 +349,7 @@ def validate(config, *, workdir: str | None = None, device_count: int | None = N
   process_count = jax.process_count() if process_count is None else process_count
   errors = (_objective_errors(config) + _input_errors(config) + _mixture_errors(config) + _model_errors(config)
             + _batch_errors(config, device_count, process_count) + _schedule_errors(config) + _eval_errors(config)
-            + _text_text_errors(config, device_count))
+            + _text_text_errors(config, device_count) + _topic_errors(config))
   if workdir is not None and os.path.isfile(workdir):
     errors.append(f"workdir: {workdir} is a file, not a directory")
   return errors

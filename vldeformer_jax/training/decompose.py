@@ -3,7 +3,7 @@
 The one encoder embeds the caption branch and the image branch (and the composed hard negatives,
 flattened [B*K, ...] then [B, K, D]) with dropout, then the loss scores every caption against every image
 of the global batch plus the composed negatives (docs/method.md §4.1, §5.3): `losses.sharded_contrastive_loss`
-(embeddings all-gathered) or, for `loss.name = sigmoid`, `losses.sharded_sigmoid_loss` (caption blocks
+(embeddings all-gathered) or, for `loss.name = sigmoid`, `sigmoid.sharded_sigmoid_loss` (caption blocks
 rotating around the devices); either way the gradient is the exact full-batch one.
 
 Dropout is keyed by row: row r of a branch draws its masks from `fold_in(branch key, r)` (composed
@@ -25,6 +25,10 @@ from vldeformer_jax.model.vldeformer import VLDeformer
 from vldeformer_jax.retrieval import late_interaction
 from vldeformer_jax.training import grad_cache
 from vldeformer_jax.training import losses
+from vldeformer_jax.training import topic
+from vldeformer_jax.training.late_interaction_term import sharded_late_interaction_loss
+from vldeformer_jax.training.sigmoid_loss import sharded_sigmoid_loss
+from vldeformer_jax.training.text_text_term import sharded_text_text_loss
 
 # (batch key prefix, embedding name, has regions), in the order of the step key's split.
 BRANCHES = (("text_", "text", False), ("image_", "image", True), ("neg_text_", "neg_text", False),
@@ -32,6 +36,7 @@ BRANCHES = (("text_", "text", False), ("image_", "image", True), ("neg_text_", "
 
 
 BITEXT_KEY = 4  # the bitext's dropout key: fold_in(step key, 4), apart from the branches' split
+TOPIC_KEY = 5  # the topic words' dropout key (docs/method.md §4.10)
 
 
 def branch_keys(rng) -> dict[str, jax.Array]:
@@ -116,6 +121,13 @@ def embed_bitext(model: VLDeformer, params, batch, rng) -> dict[str, jax.Array]:
   return {"bitext_a": emb[:n], "bitext_b": emb[n:]}
 
 
+def embed_topic_words(model: VLDeformer, params, batch, rng) -> dict[str, jax.Array]:
+  """The topic words through the text branch ([V, D], row v keyed `fold_in(rng, v)`) and the batch's
+  targets: {"topic_words", "topic_target"} (docs/method.md §4.10)."""
+  return {"topic_words": embed(model, params, topic.word_inputs(batch), "topic_word_", rng, False),
+          "topic_target": batch["image_topic_target"]}
+
+
 def make_objective(config, mesh) -> Callable:
   """`(embeddings, loss_params) -> (loss, metrics)`: the configured loss over the global pool.
 
@@ -124,14 +136,15 @@ def make_objective(config, mesh) -> Callable:
   """
   lc = config.loss
   if lc.name == "sigmoid":
-    sigmoid = losses.sharded_sigmoid_loss(mesh)
+    sigmoid = sharded_sigmoid_loss(mesh)
   else:
     contrastive = losses.sharded_contrastive_loss(
         mesh, name=lc.name, beta=lc.beta, tau_plus=lc.tau_plus, margin=lc.margin, chunk_size=lc.chunk_size)
   late_w = late_weight(config)
-  late = losses.sharded_late_interaction_loss(mesh, margin=lc.margin) if late_w > 0 else None
+  late = sharded_late_interaction_loss(mesh, margin=lc.margin) if late_w > 0 else None
   tt_w = text_text_weight(config)
-  text_text = losses.sharded_text_text_loss(mesh, chunk_size=lc.chunk_size) if tt_w > 0 else None
+  text_text = sharded_text_text_loss(mesh, chunk_size=lc.chunk_size) if tt_w > 0 else None
+  topic_w = topic.topic_weight(config)
 
   def objective(embeddings, loss_params):
     log_t = loss_params["log_temperature"]
@@ -152,6 +165,11 @@ def make_objective(config, mesh) -> Callable:
       tt_loss, tt_metrics = text_text(embeddings["bitext_a"], embeddings["bitext_b"], temperature)
       metrics = dict(metrics, **tt_metrics)
       loss = loss + tt_w * tt_loss
+    if topic_w > 0:  # docs/method.md §4.10: same temperature as the image-text loss
+      tp_loss, tp_metrics = topic.topic_loss(embeddings["image"], embeddings["topic_words"],
+                                             embeddings["topic_target"], temperature)
+      metrics = dict(metrics, **tp_metrics)
+      loss = loss + topic_w * tp_loss
     return loss, dict(metrics, loss=loss)
 
   return objective
@@ -170,6 +188,8 @@ def make_loss_fn(model: VLDeformer, config, mesh) -> Callable:
     embeddings = embed_all(model, params, batch, branch_keys(rng), with_states=late_weight(config) > 0)
     if text_text_weight(config) > 0:
       embeddings.update(embed_bitext(model, params, batch, jax.random.fold_in(rng, BITEXT_KEY)))
+    if topic.topic_weight(config) > 0:
+      embeddings.update(embed_topic_words(model, params, batch, jax.random.fold_in(rng, TOPIC_KEY)))
     return objective(embeddings, loss_params)
 
   return loss_fn

@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.tau_plus = 0.0        # 'hardness': false-negative prior (docs/method.md §4.2)
   c.loss.margin = 0.2          # 'hinge'; also the late-interaction term's margin
   c.loss.text_text_weight = 0.0  # objective 'decompose': + w * symmetric InfoNCE over data.bitext pairs (§4.9)
+  c.loss.topic_weight = 0.0    # objective 'decompose': + w * KL(captions' class-word bag || image's topic softmax) (§4.10)
   c.loss.late_interaction_weight = 0.0  # objective 'decompose': + w * max-violation hinge on S_MrSw (§7.5)
   c.loss.chunk_size = 0        # > 0: rows of the logits in chunks (memory), same result
   c.loss.bias_init = -10.0     # 'sigmoid': initial learnable logit bias (SigLIP; with temperature 0.1)

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from vldeformer_jax.model.inputs import IMAGE_KEYS, TEXT_KEYS, pack_pairs
 from vldeformer_jax.training import moc
-from vldeformer_jax.training.losses import balanced_match_loss, contrastive_loss, match_loss, mlm_loss
+from vldeformer_jax.training.early_interaction_losses import balanced_match_loss, match_loss, mlm_loss
+from vldeformer_jax.training.losses import contrastive_loss
 from vldeformer_jax.model.vldeformer import VLDeformer
 
 Array = jax.Array

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from vldeformer_jax.data import region_classes as region_classes_lib
 from vldeformer_jax.model import inputs
 from vldeformer_jax.model.vldeformer import VLDeformer
-from vldeformer_jax.training.losses import mlm_loss
+from vldeformer_jax.training.early_interaction_losses import mlm_loss
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -95,7 +95,7 @@ def moc_term(model: VLDeformer, params, positives: Mapping[str, Array], labels: 
   """(loss, metrics) of MOC on packed positive pairs and their region labels [B, R] (`image_region_labels`).
 
   The masked regions' slots (at most `moc_max_predictions` per row, picked at random among them) are
-  scored; the loss is the cross entropy averaged over those slots (losses.mlm_loss: weight 0 elsewhere).
+  scored; the loss is the cross entropy averaged over those slots (`mlm_loss`: weight 0 elsewhere).
   """
   r_mask, r_pick, r_drop = jax.random.split(rng, 3)
   masked = choose_masked_regions(r_mask, region_part(positives), labels, float(opts["moc_probability"]))

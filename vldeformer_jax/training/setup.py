@@ -35,6 +35,7 @@ from vldeformer_jax.model import inputs
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.model.vldeformer import init_params
 from vldeformer_jax.training import moc
+from vldeformer_jax.training import topic
 from vldeformer_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,8 @@ def total_steps(config, num_train_images: int) -> int:
 
 def make_iterator(config, data: Data, vocab_file: str, workdir: str):
   tag_vocabulary = None
+  names = [n for n, _ in mixture.parse_mixture(config.data.mixture)] if config.data.mixture else [config.data.name]
   if config.data.negatives.num_per_pair:
-    names = [n for n, _ in mixture.parse_mixture(config.data.mixture)] if config.data.mixture else [config.data.name]
     cache = os.path.join(data.data_dir, f"{'+'.join(names)}_{config.data.train_split}_tag_vocabulary.json")
     tag_vocabulary = negatives.build_tag_vocabulary(data.train, cache_path=cache,
                                                     progress=jax.process_index() == 0)
@@ -141,7 +142,8 @@ def make_iterator(config, data: Data, vocab_file: str, workdir: str):
       feature_dim=data.feature_dim, num_captions_per_image=config.data.num_captions_per_image,
       negatives_per_pair=config.data.negatives.num_per_pair, replace_ratio=config.data.negatives.replace_ratio,
       worker_count=config.data.worker_count, prefetch=config.data.prefetch, tag_vocabulary=tag_vocabulary,
-      region_labels=moc.wants_region_labels(config), bitext=bitext_batches(config))
+      region_labels=moc.wants_region_labels(config), bitext=bitext_batches(config),
+      topics=topic.topic_targets(config, data.train, data.data_dir, "+".join(names)))
 
 
 def bitext_batches(config):
