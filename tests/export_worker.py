@@ -132,7 +132,8 @@ def start_reader(export_dir: str, writer_params: str, out: str):
                           env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_all(procs, timeout: float = 240) -> None:
+def wait_all(procs, timeout: float = 240) -> list[str]:
+  """Waits for every worker (killing the rest when one times out), asserts each exited 0; their outputs."""
   try:
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
@@ -142,6 +143,7 @@ def wait_all(procs, timeout: float = 240) -> None:
         p.wait()
   for i, p in enumerate(procs):
     assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
+  return logs
 
 
 def check_read(read: dict[str, np.ndarray], writer_params: dict[str, np.ndarray],

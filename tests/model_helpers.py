@@ -20,6 +20,22 @@ def tiny_params(cfg, seed):
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def tiny_text_model(text_len: int, regions: int, feature_dim: int):
+  """A 1-layer, 32-wide ModelConfig without dropout, for wiring tests of the decomposition objective."""
+  from vldeformer_jax.model.config import ModelConfig
+  return ModelConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32, img_feature_dim=feature_dim,
+                     max_text_len=text_len, max_regions=regions, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+
+
+def random_text_rows(rs: np.random.RandomState, rows: int, text_len: int) -> dict[str, np.ndarray]:
+  """`rows` full-length token rows [CLS] random ids [SEP] of the tiny model's vocabulary (ids 110-199)."""
+  ids = rs.randint(110, 200, size=(rows, text_len)).astype(np.int32)
+  ids[:, 0], ids[:, -1] = 101, 102
+  return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+
+
 # ------------------------------------------------------------------------------------------------------
 # Rule F32 sizes of the model (tests/tolerances.py): chain lengths and logit magnitudes.
 

@@ -1,5 +1,7 @@
 """MURAL's text-text task (docs/method.md §4.9): the demo's Spanish translations, the bitext batches, and the
 sharded text-text loss against a float64 reference and against one device. Tolerances: tests/tolerances.py."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,21 +125,14 @@ def test_sharded_text_text_loss_equals_one_device_and_float64_reference():
 def test_decomposition_adds_the_weighted_text_text_term():
   """Wiring: loss(w) = loss(0) + w * tt_loss, tt_loss being the text-text loss of the bitext rows' own text
   embeddings (one pass over both sides)."""
-  from vldeformer_jax.model.config import ModelConfig
   from vldeformer_jax.model.vldeformer import VLDeformer
   from vldeformer_jax.training import decompose
   from vldeformer_jax.training.defaults import base_config
-  from model_helpers import tiny_params
+  from model_helpers import random_text_rows, tiny_params, tiny_text_model
   lt, r, f, n = 8, 3, 6, 8
-  mc = ModelConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                   max_position_embeddings=32, img_feature_dim=f, max_text_len=lt, max_regions=r,
-                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  mc = tiny_text_model(lt, r, f)
   rs = np.random.RandomState(0)
-
-  def text(rows):
-    ids = rs.randint(110, 200, size=(rows, lt)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = 101, 102
-    return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+  text = functools.partial(random_text_rows, rs, text_len=lt)
 
   batch = {f"text_{k}": v for k, v in text(n).items()}
   batch.update({f"bitext_a_{k}": v for k, v in text(n).items()})
@@ -170,7 +165,7 @@ def test_bitext_config_checks(tmp_path):
   from repo_configs import get_config
   from vldeformer_jax.training import config_checks
   c = get_config("demo_bitext")
-  assert c.loss.text_text_weight == 1.0 and get_config("demo_bitext", "off").loss.text_text_weight == 0.0
+  assert c.loss.text_text_weight == 0.3 and get_config("demo_bitext", "off").loss.text_text_weight == 0.0
   errors = config_checks.validate(c, device_count=1, process_count=1)
   assert [e for e in errors if "text_text" in e] == [
       "config.loss.text_text_weight: needs config.data.bitext, a bitext file (data/bitext.py); got ''"]

@@ -20,7 +20,7 @@ from vldeformer_jax.model import inputs
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.retrieval import index, index_build, index_query, search
 from vldeformer_jax.retrieval.encoder import Encoder
-from export_worker import worker_env
+from export_worker import wait_all, worker_env
 from model_helpers import embed_depth, tiny_params
 from tolerances import assert_f32, assert_within, gamma
 
@@ -59,15 +59,7 @@ def test_two_process_build_equals_one_process_build(tmp_path):
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=worker_env(JAX_NUM_CPU_DEVICES="4"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+  logs = wait_all(procs)
   assert all(f"wrote index {tmp_path / 'two'}: {NUM_TEST} images" in log for log in logs)
   # No temporary directory or text part is left beside or inside the index.
   assert sorted(os.listdir(tmp_path)) == ["data", "export", "two"]

@@ -1,5 +1,6 @@
 """The topic target (docs/method.md §4.10): the class-word bag of the captions, the KL term against a float64
 reference, its wiring into the decomposition, and the noisy-pairs variant of the demo data."""
+import functools
 import json
 
 import jax
@@ -100,21 +101,14 @@ def test_kl_term_equals_float64_reference_on_1_and_8_devices():
 
 
 def test_topic_weight_zero_is_bitwise_unchanged_and_w_adds_the_term():
-  from vldeformer_jax.model.config import ModelConfig
   from vldeformer_jax.model.vldeformer import VLDeformer
   from vldeformer_jax.training import decompose
   from vldeformer_jax.training.defaults import base_config
-  from model_helpers import tiny_params
+  from model_helpers import random_text_rows, tiny_params, tiny_text_model
   lt, r, f, n, v = 8, 3, 6, 8, 5
-  mc = ModelConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                   max_position_embeddings=32, img_feature_dim=f, max_text_len=lt, max_regions=r,
-                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  mc = tiny_text_model(lt, r, f)
   rs = np.random.RandomState(0)
-
-  def text(rows):
-    ids = rs.randint(110, 200, size=(rows, lt)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = 101, 102
-    return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+  text = functools.partial(random_text_rows, rs, text_len=lt)
 
   batch = {f"text_{k}": x for k, x in text(n).items()}
   img = text(n)
