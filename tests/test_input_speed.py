@@ -1,4 +1,4 @@
-"""The fast input path (issue 18): cached wordpieces, storage layouts, batches equal to the old path; the
+"""The fast input path (docs/method.md §3.3, BENCHMARKS.md §6): cached wordpieces, storage layouts, batches equal to the old path; the
 accelerator benchmark's harness on CPU.
 
 Speed itself is measured by benchmarks/input_pipeline.py and benchmarks/accelerator.py (BENCHMARKS.md),
@@ -71,7 +71,7 @@ def test_layouts_store_what_they_say_and_read_back(layouts):
 
 
 def _old_batch(src, vocab, step, **kw):
-  """The batch as data/pipeline.py built it before issue 18: negative_image + image_inputs/text_inputs."""
+  """The batch as data/pipeline.py built it before it was sped up (7fa18cc): negative_image + image_inputs/text_inputs."""
   b = pipeline.BatchBuilder(src, **kw)
   epoch, idx = b.image_indices(step)
   recs = [b._record(i) for i in idx]
