@@ -115,13 +115,7 @@ def write_bitext(path: str, pairs: Sequence[Sequence[str]], **meta) -> None:
 
 def read_bitext(path: str) -> list[tuple[str, str]]:
   """The pairs of a bitext file; one clear error naming the file and the first bad entry otherwise."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"bitext file not found: {path}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: malformed JSON: {e}") from None
+  data = fileio.read_json(path, what="bitext file")
   if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("pairs"), list):
     raise ValueError(f"{path}: not a bitext file (expected {{'format': {FORMAT!r}, 'pairs': [[a, b], ...]}})")
   pairs = []

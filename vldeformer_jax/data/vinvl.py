@@ -212,13 +212,7 @@ def parse_prediction_classes(cols: list[bytes], where: str) -> tuple[int, list[s
 
 def load_imageid2idx(path: str) -> dict[int, int]:
   """`imageid2idx.json` as {int image_id: row}."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"VinVL file not found: {path}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
-    raise VinvlFormatError(f"{path}: malformed JSON: {e}") from None
+  raw = fileio.read_json(path, what="VinVL file", error=VinvlFormatError)
   if not isinstance(raw, dict):
     raise VinvlFormatError(f"{path}: expected a JSON object {{image_id: row}}, got {type(raw).__name__}")
   out = {}

@@ -27,6 +27,18 @@ def json_default(x):
   raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+def read_json(path: str, *, what: str, error: type[Exception] = ValueError) -> Any:
+  """The JSON value of `path`: a missing file raises FileNotFoundError('{what} not found: PATH'), malformed
+  JSON `error('PATH: malformed JSON: ...')`, so every reader names the file the same way."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found: {path}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise error(f"{path}: malformed JSON: {e}") from None
+
+
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to `path` through a temporary sibling and a rename."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
