@@ -161,6 +161,17 @@ def _finish(tmp: str, path: str, *, fingerprint: str, side: str, num: int, dim: 
   return meta
 
 
+def check_options(path: str, side: str, compact: str | None, backend: str, faiss_index: str | None) -> None:
+  """The index options' checks, run before any work (a build checks them before loading a model)."""
+  if side not in SIDES:
+    raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
+  if compact not in COMPACT:
+    raise ValueError(f"compact must be one of {COMPACT}, got {compact!r}")
+  _check_backend(backend, compact, faiss_index)
+  if backend == "faiss":
+    faiss_backend.require_faiss(f"index {os.path.abspath(path)} (--backend=faiss)")
+
+
 def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Sequence[str], *,
                 fingerprint: str, side: str, compact: str | None = None, metadata: dict | None = None,
                 overwrite: bool = False, entry_fingerprints: Sequence[str] | None = None,
@@ -170,13 +181,7 @@ def write_index(path: str, embeddings: np.ndarray, ids: Sequence[int], texts: Se
   `entry_fingerprints`: the encoder of each entry (default: `fingerprint` for all). `backend="faiss"`
   also stores a faiss structure (`faiss_index`: flat | ivf | hnsw, `faiss_params` as
   faiss_backend.build takes them) that queries search instead of the JAX scan."""
-  if side not in SIDES:
-    raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
-  if compact not in COMPACT:
-    raise ValueError(f"compact must be one of {COMPACT}, got {compact!r}")
-  _check_backend(backend, compact, faiss_index)
-  if backend == "faiss":
-    faiss_backend.require_faiss(f"index {os.path.abspath(path)} (--backend=faiss)")
+  check_options(path, side, compact, backend, faiss_index)
   emb = np.asarray(embeddings, np.float32)
   ids = np.asarray(ids, np.int64)
   if emb.ndim != 2 or len(ids) != len(emb) or len(texts) != len(emb):

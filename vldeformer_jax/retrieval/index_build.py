@@ -22,8 +22,8 @@ from vldeformer_jax.io import files as fileio
 from vldeformer_jax.retrieval import faiss_backend
 from vldeformer_jax.retrieval import gallery as gallery_lib
 # The format's constants and writers (private to the index's two writers: write_index and this build).
-from vldeformer_jax.retrieval.index import (ENTRY_ENCODERS, META, SIDES, TOKEN_DTYPES, _check_backend, _finish,
-                                            _row_arrays, _temporary_sibling, _token_arrays)
+from vldeformer_jax.retrieval.index import (ENTRY_ENCODERS, META, TOKEN_DTYPES, _check_backend, _finish,
+                                            _row_arrays, _temporary_sibling, _token_arrays, check_options)
 
 
 def _embed_rows(encoder, gallery, source, side: str, lo: int, hi: int, batch_size, chunk: int,
@@ -64,13 +64,9 @@ def build_index(encoder, source, path: str, *, side: str = "images", compact: st
   `store_tokens` ("bfloat16" | "int8"): also store each row's token states for late-interaction
   re-ranking (index.TOKEN_FILES). Run by every process of a `jax.distributed` job (jax.process_count() > 1),
   each process embeds its share of the rows (`process_rows`) into the one index (`_build_streamed`)."""
-  if side not in SIDES:
-    raise ValueError(f"index side must be one of {SIDES}, got {side!r}")
   if store_tokens not in TOKEN_DTYPES:
     raise ValueError(f"store_tokens must be one of {TOKEN_DTYPES}, got {store_tokens!r}")
-  _check_backend(backend, compact, faiss_index)
-  if backend == "faiss":
-    faiss_backend.require_faiss(f"index {os.path.abspath(path)} (--backend=faiss)")
+  check_options(path, side, compact, backend, faiss_index)
   gallery = gallery_lib.load_gallery(source)
   ids = gallery.image_ids if side == "images" else gallery.image_ids[gallery.txt2img]
   return _build_streamed(encoder, gallery, source, path, ids, side=side, compact=compact, batch_size=batch_size,
