@@ -1,7 +1,8 @@
 """Table 1b: the pieces of the training step, each against its alternatives, at BERT-base size.
 
 Why: the step's speed is decided by a few choices (how the optimiser update is fused, how the word-
-embedding gradient is formed, which attention path runs with dropout, how dropout masks are drawn);
+embedding gradient is formed, which attention path runs with dropout, how dropout masks are drawn, whose
+matmuls run the dense layers);
 this measures each choice in isolation, interleaved in one process, so the choices in `model.py` /
 `optim.py` rest on numbers from this machine rather than folklore.
 """
@@ -97,6 +98,7 @@ def attention_group(cfg, batch: int, length: int):
   support)."""
   import jax
   import jax.numpy as jnp
+  from vldeformer_jax.model.dropout import keep_mask, keep_threshold
   rng = np.random.default_rng(0)
   shape = (batch, length, cfg.num_attention_heads, cfg.head_dim)
   q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
@@ -107,9 +109,9 @@ def attention_group(cfg, batch: int, length: int):
   def einsum_attn(q, k, v, dropout):
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * scale + bias
     probs = jax.nn.softmax(logits, axis=-1)
-    if dropout:
-      keep = jax.random.bernoulli(key, 0.9, probs.shape)
-      probs = jnp.where(keep, probs / 0.9, 0.0)
+    if dropout:  # the model's dropout (model/dropout.py) at rate 0.1
+      keep = keep_mask(key, probs.shape, 0.1)
+      probs = jnp.where(keep, probs * (2**16 / keep_threshold(0.1)), 0.0)
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
   def grad_of(f):
@@ -126,25 +128,65 @@ def attention_group(cfg, batch: int, length: int):
 
 
 def dropout_group(cfg, batch: int):
-  """Drawing one step's dropout masks (hidden states and attention probabilities of both branches, every
-  layer): threefry (JAX's default key) vs the 'rbg' key implementation (XLA's RngBitGenerator)."""
+  """Dropout over one step's mask elements (hidden states and attention probabilities of both branches, every
+  layer): the model's 16-bit decisions (model/dropout.py) vs flax's float32 uniform per element, with JAX's
+  default key and with the 'rbg' key implementation (XLA's RngBitGenerator)."""
+  import flax.linen as nn
   import jax
+  import jax.numpy as jnp
+  from vldeformer_jax.model.dropout import Dropout
   L, T = cfg.max_text_len, cfg.max_text_len + cfg.max_regions
   per_layer = sum(2 * batch * n * cfg.hidden_size + batch * cfg.num_attention_heads * n * n for n in (L, T))
   count = per_layer * cfg.num_hidden_layers
+  x = jnp.ones((count // cfg.hidden_size, cfg.hidden_size), jnp.float32)
 
-  def masks(impl):
+  def masks(module, impl):
     key = jax.random.key(0, impl=impl)
-    f = jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (count,)).sum())
-    return lambda: f(key).block_until_ready()
+    f = jax.jit(lambda k, x: module.apply({}, x, deterministic=False, rngs={"dropout": k}).sum())
+    return lambda: f(key, x).block_until_ready()
 
-  return {"name": f"dropout masks of one step ({count / 1e6:.0f}M draws)",
-          "variants": {"threefry (default key)": masks("threefry2x32"), "rbg key": masks("rbg")}}
+  rate = cfg.hidden_dropout_prob
+  return {"name": f"dropout of one step ({x.size / 1e6:.0f}M elements)",
+          "variants": {"model/dropout.py: 16 bits per element": masks(Dropout(rate), "threefry2x32"),
+                       "flax nn.Dropout: float32 uniform": masks(nn.Dropout(rate), "threefry2x32"),
+                       "flax nn.Dropout, rbg key": masks(nn.Dropout(rate), "rbg")}}
+
+
+def matmul_group(cfg, batch: int):
+  """The dense layers of the image branch, forward + both backward matmuls, every layer: XLA's CPU matmul
+  (jitted) vs PyTorch's (eager) at the same float32 shapes. Why: the matmuls are most of the step's FLOPs, so
+  their throughput bounds the step's ratio to PyTorch (table 1)."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  rows = batch * (cfg.max_text_len + cfg.max_regions)
+  H, I = cfg.hidden_size, cfg.intermediate_size
+  shapes = [(H, H)] * 4 + [(H, I), (I, H)]  # query, key, value, attention output; FFN in and out
+  rng = np.random.default_rng(0)
+  xs = [rng.standard_normal((rows, k), np.float32) for k, _ in shapes]
+  ws = [rng.standard_normal((k, n), np.float32) * 0.02 for k, n in shapes]
+  gs = [rng.standard_normal((rows, n), np.float32) for _, n in shapes]
+
+  @jax.jit
+  def layer(xs, ws, gs):  # y = x w, dx = g w^T, dw = x^T g
+    return [(x @ w, g @ w.T, x.T @ g) for x, w, g in zip(xs, ws, gs)]
+
+  j = [jnp.asarray(a) for a in xs], [jnp.asarray(a) for a in ws], [jnp.asarray(a) for a in gs]
+  t = [torch.from_numpy(a) for a in xs], [torch.from_numpy(a) for a in ws], [torch.from_numpy(a) for a in gs]
+
+  def run_torch():
+    for _ in range(cfg.num_hidden_layers):
+      [(x @ w, g @ w.T, x.T @ g) for x, w, g in zip(*t)]
+
+  flops = 3 * 2 * rows * sum(k * n for k, n in shapes) * cfg.num_hidden_layers
+  return {"name": f"dense matmuls fwd+bwd x {cfg.num_hidden_layers} layers, {rows} rows ({flops / 1e9:.0f} GFLOP)",
+          "variants": {"XLA (jitted)": lambda: [jax.block_until_ready(layer(*j)) for _ in range(cfg.num_hidden_layers)],
+                       "torch eager": run_torch}}
 
 
 def run(repeats: int = 5, quick: bool = False) -> dict:
   """`quick`: BERT-base widths with 1 layer instead of 12 (a smoke test: the optimiser, attention and
-  dropout groups scale with the layer count, the embedding group not at all)."""
+  dropout and matmul groups scale with the layer count, the embedding group not at all)."""
   from tqdm import tqdm
   from vldeformer_jax.model.config import ModelConfig
   cfg = ModelConfig(num_hidden_layers=1) if quick else ModelConfig()
@@ -152,7 +194,8 @@ def run(repeats: int = 5, quick: bool = False) -> dict:
   builders = [lambda: optimizer_group(cfg),
               lambda: embedding_grad_group(cfg, batch * 2 * cfg.max_text_len),
               lambda: attention_group(cfg, batch, cfg.max_text_len + cfg.max_regions),
-              lambda: dropout_group(cfg, batch)]
+              lambda: dropout_group(cfg, batch),
+              lambda: matmul_group(cfg, batch)]
   groups = []
   for build in tqdm(builders, desc="ablations", unit="group"):
     g = build()

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vldeformer_jax.model.config import ModelConfig
+from vldeformer_jax.model.dropout import Dropout
 
 Array = jax.Array
 
@@ -68,7 +69,7 @@ class BertEmbeddings(nn.Module):
          + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
          + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
     h = _layer_norm(cfg, "LayerNorm")(h)
-    return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    return Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -90,7 +91,7 @@ class BertSelfAttention(nn.Module):
       # jax.nn.dot_product_attention has no dropout on the probabilities: spell it out in training.
       logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(cfg.head_dim) + bias
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-      probs = nn.Dropout(dropout)(probs, deterministic=False)
+      probs = Dropout(dropout)(probs, deterministic=False)
       ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v)
     return ctx.reshape(h.shape[:-1] + (cfg.hidden_size,))
 
@@ -102,7 +103,7 @@ class BertResidualOutput(nn.Module):
   @nn.compact
   def __call__(self, x, residual, deterministic: bool):
     x = _dense(self.config, self.config.hidden_size, "dense")(x)
-    x = nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = Dropout(self.config.hidden_dropout_prob)(x, deterministic=deterministic)
     return _layer_norm(self.config, "LayerNorm")(x + residual)
 
 
@@ -189,7 +190,7 @@ class BertImgModel(nn.Module):
                    name="img_embedding")(img_feats.astype(dtype))
       if cfg.use_img_layernorm:
         e = _layer_norm(cfg, "LayerNorm", eps=cfg.img_layer_norm_eps)(e)
-      parts.append(nn.Dropout(cfg.hidden_dropout_prob)(e, deterministic=deterministic))
+      parts.append(Dropout(cfg.hidden_dropout_prob)(e, deterministic=deterministic))
     h = jnp.concatenate([p.astype(dtype) for p in parts], axis=1) if len(parts) > 1 else parts[0].astype(dtype)
     if attention_mask.shape != h.shape[:2]:
       raise ValueError(f"attention_mask has shape {attention_mask.shape}, but the input sequence has shape "
@@ -248,8 +249,8 @@ class VLDeformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.bert = BertImgModel(cfg)
-    self.embed_dropout = nn.Dropout(cfg.hidden_dropout_prob)
-    self.classifier_dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    self.embed_dropout = Dropout(cfg.hidden_dropout_prob)
+    self.classifier_dropout = Dropout(cfg.hidden_dropout_prob)
     self.classifier = _dense(cfg, cfg.num_labels, "classifier")
     self.cls = MlmHeads(cfg)
     if cfg.projection_dim:
