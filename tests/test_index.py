@@ -256,6 +256,10 @@ def test_foreign_stale_and_corrupt_indexes_are_refused(tiny, tmp_path):
   open(os.path.join(path, "embeddings.npy"), "wb").write(bytes(raw))
   with pytest.raises(index.BadIndexError, match="embeddings.npy does not match its sha256"):
     index.Index.load(path)
+  # texts.json truncated, loaded without re-hashing: one line naming the file, not a raw JSONDecodeError
+  open(os.path.join(path, "texts.json"), "w").write('["a dog", "a c')
+  with pytest.raises(index.BadIndexError, match=r"texts\.json: malformed JSON"):
+    index.Index.load(path, verify=False)
   # stale format version
   meta = json.load(open(os.path.join(path, index.META)))
   meta["version"] = 0

@@ -271,10 +271,11 @@ class Index:
                           "rebuild the index")
       return a
 
-    with open(os.path.join(path, "texts.json")) as f:
-      texts = json.load(f)
-    if len(texts) != n:
-      raise BadIndexError(f"index {path}: texts.json has {len(texts)} entries, {META} says {n}")
+    texts = fileio.read_json(os.path.join(path, "texts.json"), what=f"index {path}: texts.json",
+                             error=BadIndexError)
+    if not isinstance(texts, list) or len(texts) != n:
+      count = f"{len(texts)} entries" if isinstance(texts, list) else f"a {type(texts).__name__}, not a list"
+      raise BadIndexError(f"index {path}: texts.json has {count}, {META} says {n} entries")
     codes = scales = None
     if meta.get("compact") == "int8":
       codes, scales = arr("codes.npy", (n, d)), arr("scales.npy", (n,))
