@@ -35,15 +35,21 @@ def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-  """Times each of `fns` `repeats` times, alternating between them, after `warmup` calls of each."""
+  """Times each of `fns` `repeats` times, alternating between them, after `warmup` calls of each.
+
+  The order rotates every round, so no function always runs right after the same other one: a call that
+  follows another library's (whose worker threads may still hold the cores) measured ~8% slower on these
+  2-core machines, and a fixed order would charge that to one side of a ratio."""
   for fn in fns.values():
     for _ in range(warmup):
       fn()
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
+  names = list(fns)
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
       t = time.perf_counter()
-      fn()
+      fns[name]()
       times[name].append(time.perf_counter() - t)
   return times
 

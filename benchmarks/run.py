@@ -92,6 +92,7 @@ def main(argv):
           results.setdefault("merged", {})[key] = extra.get("command", path)
           m = extra.get("machine", {})  # tables merged from another machine say which
           results.setdefault("merged_machine", {})[key] = f"{m.get('cpu', '?')} ({m.get('simd', '')}), {m.get('cores', '?')} cores"
+          results.setdefault("merged_load", {})[key] = [m.get("load_average"), m.get("cores")]  # for its warnings
       results["total_seconds"] += extra["total_seconds"]
     if FLAGS.merge_json:
       common.write_json_atomic(json_path, results)
