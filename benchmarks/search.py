@@ -54,17 +54,11 @@ def agreement(ref_v, ref_i, v, i, tol: float = 1e-4) -> dict:
 
 
 def faiss_build() -> str:
-  """Which SIMD code faiss runs: the dispatched level (faiss >= 1.12 dispatches at run time) or, for older
-  wheels, the module it loaded (generic / avx2 / avx512), and its compile options. A generic build makes any
+  """Which SIMD code faiss runs and its compile options (`faiss_backend.simd_info`): a generic build makes any
   ratio against faiss meaningless."""
-  import faiss
-  opts = faiss.get_compile_options().strip()
-  try:
-    level = faiss.SIMDConfig.get_level_name()
-  except AttributeError:  # before run-time dispatch: the loader picked one of the compiled modules
-    level = next((x for x in ("avx512_spr", "avx512", "avx2") if f"swigfaiss_{x}" in __import__("sys").modules),
-                 "generic")
-  return f"{level} (compile options: {opts})"
+  from vldeformer_jax.retrieval import faiss_backend
+  info = faiss_backend.simd_info()
+  return f"{info['level']} (compile options: {info['compile_options']})"
 
 
 def run(sizes=(100_000, 1_000_000), num_queries: int = 1000, k: int = 10, dim: int = 768, repeats: int = 3,

@@ -98,7 +98,7 @@ def attention_group(cfg, batch: int, length: int):
   support)."""
   import jax
   import jax.numpy as jnp
-  from vldeformer_jax.model.dropout import keep_mask, keep_threshold
+  from vldeformer_jax.model.dropout import Dropout
   rng = np.random.default_rng(0)
   shape = (batch, length, cfg.num_attention_heads, cfg.head_dim)
   q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
@@ -110,8 +110,7 @@ def attention_group(cfg, batch: int, length: int):
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * scale + bias
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout:  # the model's dropout (model/dropout.py) at rate 0.1
-      keep = keep_mask(key, probs.shape, 0.1)
-      probs = jnp.where(keep, probs * (2**16 / keep_threshold(0.1)), 0.0)
+      probs = Dropout(0.1).apply({}, probs, deterministic=False, rngs={"dropout": key})
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
   def grad_of(f):
