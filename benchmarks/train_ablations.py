@@ -1,8 +1,8 @@
 """Table 1b: the pieces of the training step, each against its alternatives, at BERT-base size.
 
 Why: the step's speed is decided by a few choices (how the optimiser update is fused, how the word-
-embedding gradient is formed, which attention path runs with dropout, how dropout masks are drawn, whose
-matmuls run the dense layers);
+embedding gradient is formed, which attention path runs with dropout, how dropout masks are drawn, how GELU
+is spelled, whose matmuls run the dense layers);
 this measures each choice in isolation, interleaved in one process, so the choices in `model.py` /
 `optim.py` rest on numbers from this machine rather than folklore.
 """
@@ -76,8 +76,10 @@ def embedding_grad_group(cfg, tokens: int):
   table = jnp.asarray(rng.standard_normal((cfg.vocab_size, cfg.hidden_size), np.float32) * 0.02)
   cot = jnp.asarray(rng.standard_normal((tokens, cfg.hidden_size), np.float32))
 
-  take = jax.jit(jax.grad(lambda e: jnp.sum(jnp.take(e, ids, axis=0) * cot)))
-  onehot = jax.jit(jax.grad(lambda e: jnp.sum((jax.nn.one_hot(ids, cfg.vocab_size, dtype=e.dtype) @ e) * cot)))
+  # ids and cotangent are arguments: closed over, they are constants and XLA folds the whole gradient at compile time.
+  take = jax.jit(jax.grad(lambda e, ids, cot: jnp.sum(jnp.take(e, ids, axis=0) * cot)))
+  onehot = jax.jit(jax.grad(
+      lambda e, ids, cot: jnp.sum((jax.nn.one_hot(ids, cfg.vocab_size, dtype=e.dtype) @ e) * cot)))
   te = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
   tids = torch.from_numpy(np.asarray(ids)).long()
   tcot = torch.from_numpy(np.asarray(cot))
@@ -87,8 +89,8 @@ def embedding_grad_group(cfg, tokens: int):
     (te(tids) * tcot).sum().backward()
 
   return {"name": f"word-embedding gradient, {tokens} tokens into [{cfg.vocab_size}, {cfg.hidden_size}]",
-          "variants": {"jnp.take -> scatter-add (model.py)": lambda: take(table).block_until_ready(),
-                       "one-hot matmul": lambda: onehot(table).block_until_ready(),
+          "variants": {"jnp.take -> scatter-add (model.py)": lambda: take(table, ids, cot).block_until_ready(),
+                       "one-hot matmul": lambda: onehot(table, ids, cot).block_until_ready(),
                        "torch nn.Embedding backward": run_torch}}
 
 
@@ -106,29 +108,30 @@ def attention_group(cfg, batch: int, length: int):
   key = jax.random.key(0)
   scale = 1 / math.sqrt(cfg.head_dim)
 
-  def einsum_attn(q, k, v, dropout):
+  def einsum_attn(q, k, v, bias, key, dropout):
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * scale + bias
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout:  # the model's dropout (model/dropout.py) at rate 0.1
       probs = Dropout(0.1).apply({}, probs, deterministic=False, rngs={"dropout": key})
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
-  def grad_of(f):
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+  def grad_of(f):  # bias and key are arguments: as closed-over constants XLA would fold the mask and the bias
+    return jax.jit(jax.grad(lambda q, k, v, bias, key: jnp.sum(f(q, k, v, bias, key) ** 2), argnums=(0, 1, 2)))
 
-  fns = {"einsum + dropout (training path)": grad_of(lambda q, k, v: einsum_attn(q, k, v, True)),
-         "einsum, no dropout": grad_of(lambda q, k, v: einsum_attn(q, k, v, False)),
+  fns = {"einsum + dropout (training path)": grad_of(lambda *a: einsum_attn(*a, dropout=True)),
+         "einsum, no dropout": grad_of(lambda *a: einsum_attn(*a, dropout=False)),
          "jax.nn.dot_product_attention, no dropout": grad_of(
-             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=bias))}
+             lambda q, k, v, bias, key: jax.nn.dot_product_attention(q, k, v, bias=bias))}
   return {"name": f"attention fwd+bwd x {cfg.num_hidden_layers} layers, [{batch}, {length}, "
                   f"{cfg.num_attention_heads}x{cfg.head_dim}]",
-          "variants": {n: (lambda f=f: [jax.block_until_ready(f(q, k, v)) for _ in range(cfg.num_hidden_layers)])
+          "variants": {n: (lambda f=f: [jax.block_until_ready(f(q, k, v, bias, key))
+                                        for _ in range(cfg.num_hidden_layers)])
                        for n, f in fns.items()}}
 
 
 def dropout_group(cfg, batch: int):
   """Dropout over one step's mask elements (hidden states and attention probabilities of both branches, every
-  layer): the model's 16-bit decisions (model/dropout.py) vs flax's float32 uniform per element, with JAX's
+  layer): the model's 16-bit decisions, four per threefry hash (model/dropout.py) vs flax's float32 uniform per element, with JAX's
   default key and with the 'rbg' key implementation (XLA's RngBitGenerator)."""
   import flax.linen as nn
   import jax
@@ -146,9 +149,40 @@ def dropout_group(cfg, batch: int):
 
   rate = cfg.hidden_dropout_prob
   return {"name": f"dropout of one step ({x.size / 1e6:.0f}M elements)",
-          "variants": {"model/dropout.py: 16 bits per element": masks(Dropout(rate), "threefry2x32"),
+          "variants": {"model/dropout.py: 16 bits per element, 4 per hash": masks(Dropout(rate), "threefry2x32"),
                        "flax nn.Dropout: float32 uniform": masks(nn.Dropout(rate), "threefry2x32"),
                        "flax nn.Dropout, rbg key": masks(nn.Dropout(rate), "rbg")}}
+
+
+def gelu_group(cfg, batch: int):
+  """The FFN's exact GELU, forward + backward, on both branches' [rows, intermediate] activations of every
+  layer: the model's x/2 (1 + erf(x / sqrt 2)) (BERT's own formula) vs flax's erfc form vs PyTorch's
+  F.gelu, float32."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from vldeformer_jax.model.vldeformer import gelu
+  rows = batch * (2 * cfg.max_text_len + cfg.max_regions)
+  x = np.random.default_rng(0).standard_normal((rows, cfg.intermediate_size)).astype(np.float32) * 2
+
+  def jax_variant(f):
+    step = jax.jit(jax.value_and_grad(lambda v: jnp.sum(f(v) * v)))
+    xj = jnp.asarray(x)
+    return lambda: [jax.block_until_ready(step(xj)) for _ in range(cfg.num_hidden_layers)]
+
+  xt = torch.from_numpy(x)
+
+  def run_torch():
+    for _ in range(cfg.num_hidden_layers):
+      v = xt.clone().requires_grad_(True)
+      (torch.nn.functional.gelu(v) * v).sum().backward()
+
+  return {"name": f"GELU fwd+bwd x {cfg.num_hidden_layers} layers, [{rows}, {cfg.intermediate_size}]",
+          "variants": {"model: x/2 (1 + erf(x/sqrt 2))": jax_variant(gelu),
+                       "flax nn.gelu(approximate=False): erfc form": jax_variant(
+                           lambda v: nn.gelu(v, approximate=False)),
+                       "torch F.gelu (eager)": run_torch}}
 
 
 def matmul_group(cfg, batch: int):
@@ -194,6 +228,7 @@ def run(repeats: int = 5, quick: bool = False) -> dict:
               lambda: embedding_grad_group(cfg, batch * 2 * cfg.max_text_len),
               lambda: attention_group(cfg, batch, cfg.max_text_len + cfg.max_regions),
               lambda: dropout_group(cfg, batch),
+              lambda: gelu_group(cfg, batch),
               lambda: matmul_group(cfg, batch)]
   groups = []
   for build in tqdm(builders, desc="ablations", unit="group"):
