@@ -79,6 +79,7 @@ def train_step(t: dict, load: float | None = None, cores: int | None = None) -> 
       f"{t['xla_flops'] / 1e9:.0f} GFLOP",
       f"- JAX fp32 matmul peak measured in the same process: {t['jax_fp32_peak']['gflops']:.1f} GFLOP/s; "
       f"the step reaches **{100 * t['fraction_of_jax_fp32_peak']:.1f}%** of it",
+      *_dense_matmul_lines(t.get("dense_matmuls")),
       f"- Peak RSS of the process (JAX and PyTorch models, both optimisers): {t['peak_rss_gib']:.1f} GiB; "
       f"XLA temporaries of the step: {_gib(t.get('xla_temp_bytes', 0))}",
       _goal(t["ratio"] <= 1.0, f"JAX/PyTorch step time ratio {t['ratio']:.2f} (target <= 1.00)"),
@@ -92,6 +93,17 @@ def train_step(t: dict, load: float | None = None, cores: int | None = None) -> 
         "depressed by other processes, and the per-pair ratios spread widely: the two libraries do not slow "
         "down equally under contention. Re-run on an idle machine before quoting either goal.")
   return "\n".join(lines) + "\n"
+
+
+def _dense_matmul_lines(m: dict | None) -> list[str]:
+  """Table 1's matmul ceiling (train_step._dense_matmul_ceiling); runs before it was measured have none."""
+  if not m:
+    return []
+  return [f"- The step's dense-layer matmuls alone ({m['gflop']:.0f} GFLOP: both branches, forward + both backward "
+          f"products, same shapes, same process): XLA {m['xla_gflops']:.1f} GFLOP/s, **{100 * m['xla_fraction_of_peak']:.1f}%** "
+          f"of the peak above; PyTorch {m['torch_gflops']:.1f} GFLOP/s; XLA / PyTorch time **{m['ratio']:.2f}**. The first "
+          "is a ceiling on the step's fraction of the peak (everything else in the step only adds time); the second "
+          "is the ratio the step would have if it were nothing but these matmuls."]
 
 
 def ablations(a: dict) -> str:

@@ -185,36 +185,43 @@ def gelu_group(cfg, batch: int):
                        "torch F.gelu (eager)": run_torch}}
 
 
-def matmul_group(cfg, batch: int):
-  """The dense layers of the image branch, forward + both backward matmuls, every layer: XLA's CPU matmul
-  (jitted) vs PyTorch's (eager) at the same float32 shapes. Why: the matmuls are most of the step's FLOPs, so
-  their throughput bounds the step's ratio to PyTorch (table 1)."""
+def dense_matmuls(cfg, row_counts: list[int]) -> dict:
+  """The dense layers (query, key, value, attention output, FFN in and out) of branches of `row_counts` token
+  rows, forward + both backward products, every layer: XLA's CPU matmul (jitted) vs PyTorch's (eager) at the
+  same float32 shapes. {"flops", "variants": {name: callable}}."""
   import jax
   import jax.numpy as jnp
   import torch
-  rows = batch * (cfg.max_text_len + cfg.max_regions)
   H, I = cfg.hidden_size, cfg.intermediate_size
   shapes = [(H, H)] * 4 + [(H, I), (I, H)]  # query, key, value, attention output; FFN in and out
   rng = np.random.default_rng(0)
-  xs = [rng.standard_normal((rows, k), np.float32) for k, _ in shapes]
-  ws = [rng.standard_normal((k, n), np.float32) * 0.02 for k, n in shapes]
-  gs = [rng.standard_normal((rows, n), np.float32) for _, n in shapes]
+  triples = [(rng.standard_normal((rows, k), np.float32), rng.standard_normal((k, n), np.float32) * 0.02,
+              rng.standard_normal((rows, n), np.float32)) for rows in row_counts for k, n in shapes]
 
   @jax.jit
-  def layer(xs, ws, gs):  # y = x w, dx = g w^T, dw = x^T g
-    return [(x @ w, g @ w.T, x.T @ g) for x, w, g in zip(xs, ws, gs)]
+  def layer(triples):  # y = x w, dx = g w^T, dw = x^T g
+    return [(x @ w, g @ w.T, x.T @ g) for x, w, g in triples]
 
-  j = [jnp.asarray(a) for a in xs], [jnp.asarray(a) for a in ws], [jnp.asarray(a) for a in gs]
-  t = [torch.from_numpy(a) for a in xs], [torch.from_numpy(a) for a in ws], [torch.from_numpy(a) for a in gs]
+  j = [tuple(jnp.asarray(a) for a in t) for t in triples]
+  t = [tuple(torch.from_numpy(a) for a in t) for t in triples]
 
   def run_torch():
     for _ in range(cfg.num_hidden_layers):
-      [(x @ w, g @ w.T, x.T @ g) for x, w, g in zip(*t)]
+      [(x @ w, g @ w.T, x.T @ g) for x, w, g in t]
 
-  flops = 3 * 2 * rows * sum(k * n for k, n in shapes) * cfg.num_hidden_layers
-  return {"name": f"dense matmuls fwd+bwd x {cfg.num_hidden_layers} layers, {rows} rows ({flops / 1e9:.0f} GFLOP)",
-          "variants": {"XLA (jitted)": lambda: [jax.block_until_ready(layer(*j)) for _ in range(cfg.num_hidden_layers)],
+  flops = 3 * 2 * sum(row_counts) * sum(k * n for k, n in shapes) * cfg.num_hidden_layers
+  return {"flops": flops,
+          "variants": {"XLA (jitted)": lambda: [jax.block_until_ready(layer(j)) for _ in range(cfg.num_hidden_layers)],
                        "torch eager": run_torch}}
+
+
+def matmul_group(cfg, batch: int):
+  """The image branch's dense matmuls (`dense_matmuls`). Why: the matmuls are most of the step's FLOPs, so
+  their throughput bounds the step's ratio to PyTorch (table 1)."""
+  rows = batch * (cfg.max_text_len + cfg.max_regions)
+  group = dense_matmuls(cfg, [rows])
+  return {"name": f"dense matmuls fwd+bwd x {cfg.num_hidden_layers} layers, {rows} rows "
+                  f"({group['flops'] / 1e9:.0f} GFLOP)", "variants": group["variants"]}
 
 
 def run(repeats: int = 5, quick: bool = False) -> dict:

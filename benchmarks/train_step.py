@@ -128,9 +128,25 @@ def run(batch_size: int = 8, repeats: int = 5, size: dict | None = None, tempera
   out["jax_gflops"] = flops["train_step"] / out["jax_step"]["median"] / 1e9
   out["torch_gflops"] = flops["train_step"] / out["torch_step"]["median"] / 1e9
   out["fraction_of_jax_fp32_peak"] = out["jax_gflops"] / out["jax_fp32_peak"]["gflops"]
+  out["dense_matmuls"] = _dense_matmul_ceiling(cfg, batch_size, repeats, out["jax_fp32_peak"]["gflops"])
   out["torch_threads"] = torch.get_num_threads()
   out["peak_rss_gib"] = common.peak_rss_bytes() / 2**30
   return out
+
+
+def _dense_matmul_ceiling(cfg, batch_size: int, repeats: int, peak_gflops: float) -> dict:
+  """The step's dense-layer matmuls alone (both branches, forward + both backward products, XLA vs PyTorch at
+  the same shapes): the fraction of the peak XLA's matmuls reach at the step's shapes is a ceiling on the
+  step's own fraction, and their ratio to PyTorch's is the matmuls' share of the step ratio."""
+  from benchmarks import train_ablations
+  group = train_ablations.dense_matmuls(
+      cfg, [batch_size * cfg.max_text_len, batch_size * (cfg.max_text_len + cfg.max_regions)])
+  times = common.interleaved(group["variants"], repeats, warmup=1)
+  xla, torch_ = (common.summary(times[k]) for k in ("XLA (jitted)", "torch eager"))
+  gflops = group["flops"] / 1e9
+  return {"gflop": gflops, "xla": xla, "torch": torch_, "xla_gflops": gflops / xla["median"],
+          "torch_gflops": gflops / torch_["median"], "xla_fraction_of_peak": gflops / xla["median"] / peak_gflops,
+          "ratio": xla["median"] / torch_["median"]}
 
 
 def main():
