@@ -47,7 +47,7 @@ def collect(quick: bool, tables, contrastive_max_run: int = 16384) -> dict:
   jobs = {
       "peaks": ("peaks", ["--repeats", "2", "--n", "2048"] if quick else ["--repeats", "5"]),
       "train_step": ("train_step", ["--repeats", "1", "--warmup", "1", "--layers", "1"] if quick
-                     else ["--repeats", "4", "--warmup", "1"]),
+                     else ["--repeats", "6", "--warmup", "1"]),
       "ablations": ("train_ablations", ["--repeats", "1", "--quick"] if quick else ["--repeats", "3"]),
       "contrastive": ("contrastive_memory", ["--repeats", "1" if quick else "2", "--max_run",
                                              str(min(1024, contrastive_max_run) if quick else contrastive_max_run)]
