@@ -77,8 +77,8 @@ class DemoPlan:
   downstream_test: int = 1_000    # the test split (5 captions per image)
   stage2_num_steps: int | None = 100  # overrides every stage-2 config's train.num_steps (None: keep) ...
   stage2_global_batch_size: int | None = 32  # ... and its batch: equal for every init, MiniLM included
-  dropout: float | None = 0.0     # overrides every run's dropout (None: keep). On CPU the threefry dropout
-                                  # masks double the step time; these small runs do not need dropout
+  dropout: float | None = 0.0     # overrides every run's dropout (None: keep). Dropout adds about a sixth
+                                  # to a demo step on 2 CPU cores; these small runs do not need it
   eval_batch_size: int = 256
   folds: int = 5                  # cross-encoder comparison: disjoint folds of the test split ...
   fold_images: int = 64           # ... of this many images, every (image, caption) pair scored
