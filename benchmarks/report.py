@@ -103,11 +103,12 @@ def _dense_matmul_lines(m: dict | None) -> list[str]:
   """Table 1's matmul ceiling (train_step._dense_matmul_ceiling); runs before it was measured have none."""
   if not m:
     return []
-  return [f"- The step's dense-layer matmuls alone ({m['gflop']:.0f} GFLOP: both branches, forward + both backward "
-          f"products, same shapes, same process): XLA {m['xla_gflops']:.1f} GFLOP/s, **{100 * m['xla_fraction_of_peak']:.1f}%** "
-          f"of the peak above; PyTorch {m['torch_gflops']:.1f} GFLOP/s; XLA / PyTorch time **{m['ratio']:.2f}**. The first "
-          "is a ceiling on the step's fraction of the peak (everything else in the step only adds time); the second "
-          "is the ratio the step would have if it were nothing but these matmuls."]
+  return [f"- The step's dense-layer matmuls alone ({m['gflop']:.0f} GFLOP: both branches, forward + both "
+          f"backward products, same shapes, same process): XLA {m['xla_gflops']:.1f} GFLOP/s, "
+          f"**{100 * m['xla_fraction_of_peak']:.1f}%** of the peak above; PyTorch {m['torch_gflops']:.1f} GFLOP/s; "
+          f"XLA / PyTorch time **{m['ratio']:.2f}**. The first is a ceiling on the step's fraction of the peak "
+          "(everything else in the step only adds time); the second is the ratio the step would have if it were "
+          "nothing but these matmuls."]
 
 
 def ablations(a: dict) -> str:

@@ -131,8 +131,8 @@ def attention_group(cfg, batch: int, length: int):
 
 def dropout_group(cfg, batch: int):
   """Dropout over one step's mask elements (hidden states and attention probabilities of both branches, every
-  layer): the model's 16-bit decisions, four per threefry hash (model/dropout.py) vs flax's float32 uniform per element, with JAX's
-  default key and with the 'rbg' key implementation (XLA's RngBitGenerator)."""
+  layer): the model's 16-bit decisions, four per threefry hash (model/dropout.py) vs flax's float32 uniform
+  per element, with JAX's default key and with the 'rbg' key implementation (XLA's RngBitGenerator)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
