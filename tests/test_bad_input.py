@@ -141,3 +141,25 @@ def test_prepare_data_bad_name_is_one_line(tmp_path):
   assert _error_lines(r.stderr) == ["prepare_data: error: dataset name 'My-Data' must be snake_case "
                                     "([a-z][a-z0-9_]*), as tfds requires"]
   assert not (tmp_path / "out").exists()
+
+
+def test_malformed_input_files_name_the_file_and_line(tmp_path):
+  from vldeformer_jax.data import vinvl
+  from vldeformer_jax.retrieval import suite
+  from vldeformer_jax.training import checkpoint_export, setup
+  (tmp_path / "s.json").write_text('{"datasets": [\n  {"name": "x",}\n]}')
+  with pytest.raises(ValueError, match=r"s\.json: malformed JSON: .*line 2"):
+    suite.load_suite(str(tmp_path / "s.json"))
+  (tmp_path / "s.yaml").write_text("datasets:\n  - {name: x, data_dir: [unclosed\n")
+  with pytest.raises(ValueError, match=r"s\.yaml: malformed YAML \(line \d+\)"):
+    suite.load_suite(str(tmp_path / "s.yaml"))
+  with pytest.raises(FileNotFoundError, match=r"suite file not found: .*nope\.yaml"):
+    suite.load_suite(str(tmp_path / "nope.yaml"))
+  (tmp_path / "captions.json").write_text('{"1": ["a dog"]')
+  with pytest.raises(vinvl.VinvlFormatError, match=r"captions\.json: malformed JSON"):
+    vinvl.load_captions(str(tmp_path / "captions.json"))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / setup.TRAIN_CONFIG_FILE).write_text('{"train": ')
+  with pytest.raises(ValueError, match=rf"{setup.TRAIN_CONFIG_FILE}: malformed JSON"):
+    checkpoint_export._training_config(str(workdir))

@@ -375,11 +375,7 @@ def load_captions(path: str) -> dict[int, list[str]]:
   if path.endswith(".pt"):
     raw = _load_torch_captions(path)
   else:
-    try:
-      with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise VinvlFormatError(f"{path}: malformed JSON: {e}") from None
+    raw = fileio.read_json(path, what="captions file", error=VinvlFormatError)
   return _normalise_captions(raw, path)
 
 

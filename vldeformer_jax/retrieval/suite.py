@@ -26,13 +26,12 @@ max(RECALL_KS) is refused (`RerankDepthError`) before anything is loaded.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
-from vldeformer_jax.io.files import write_json_atomic, write_text_atomic
+from vldeformer_jax.io.files import read_json, write_json_atomic, write_text_atomic
 from vldeformer_jax.retrieval import label_metrics
 from vldeformer_jax.retrieval.metrics import PROTOCOLS, RECALL_KS
 
@@ -55,6 +54,19 @@ def check_rerank_depth(rerank_top_k: int, ks=RECALL_KS) -> None:
                            f"rerank_top_k >= {max(ks)} or 0")
 
 
+def _read_yaml(path: str):
+  import yaml
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"suite file not found: {path}")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+      where = getattr(e, "problem_mark", None)
+      line = f" (line {where.line + 1})" if where is not None else ""
+      raise ValueError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', None) or e}") from None
+
+
 def load_suite(path_or_dict) -> dict:
   """Reads and checks a suite (see the module docstring); returns it with defaults filled in."""
   base = "."
@@ -63,12 +75,10 @@ def load_suite(path_or_dict) -> dict:
   else:
     path = str(path_or_dict)
     base = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-      if path.endswith((".yaml", ".yml")):
-        import yaml
-        suite = yaml.safe_load(f)
-      else:
-        suite = json.load(f)
+    if path.endswith((".yaml", ".yml")):
+      suite = _read_yaml(path)
+    else:
+      suite = read_json(path, what="suite file")
     if not isinstance(suite, dict):
       raise ValueError(f"suite {path}: expected a mapping with `datasets`, got {type(suite).__name__}")
   unknown = set(suite) - _SUITE_KEYS

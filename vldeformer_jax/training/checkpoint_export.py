@@ -8,7 +8,6 @@ so the model selection picked is evaluated without hand-copying directories.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -17,6 +16,7 @@ import ml_collections
 from vldeformer_jax import parallel
 from vldeformer_jax.io import checkpoint as ckpt_lib
 from vldeformer_jax.io import export as export_lib
+from vldeformer_jax.io.files import read_json
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.training import optim
 from vldeformer_jax.training import setup
@@ -32,8 +32,7 @@ def _training_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir}: no {setup.TRAIN_CONFIG_FILE} (not a training workdir, or written "
                             "before runs saved their config)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(read_json(path, what="training config"))
 
 
 def select(workdir: str, which: str) -> tuple[str, int]:
