@@ -33,7 +33,8 @@ MASK_VALUE = -10000.0
 
 def gelu(x: Array) -> Array:
   """BERT's GELU as its code writes it, x/2 (1 + erf(x / sqrt 2)) (docs/method.md §1.1): the same float32 formula
-  as the PyTorch reference, and on XLA's CPU backend 2.5x faster than flax's erfc form `nn.gelu(x, False)`."""
+  as the PyTorch reference, and on XLA's CPU backend about 3x faster, forward + backward, than flax's erfc form
+  `nn.gelu(x, approximate=False)` (BENCHMARKS.md table 1b)."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
