@@ -1,6 +1,9 @@
-"""Atomic file writes: a reader (or a crashed run) never sees half a file or half a directory.
+"""Input files read one way, and atomic file writes: a reader (or a crashed run) never sees half a file or
+half a directory.
 
-Everything is written to a temporary sibling and renamed into place; rename is atomic on one filesystem.
+`read_json` / `read_yaml` name the file in every error (missing, malformed with its line), so a launcher's
+one-line report says which file is wrong. Everything is written to a temporary sibling and renamed into
+place; rename is atomic on one filesystem.
 """
 from __future__ import annotations
 
@@ -27,16 +30,33 @@ def json_default(x):
   raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+def _require_file(path: str, what: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def read_json(path: str, *, what: str, error: type[Exception] = ValueError) -> Any:
   """The JSON value of `path`: a missing file raises FileNotFoundError('{what} not found: PATH'), malformed
   JSON `error('PATH: malformed JSON: ...')`, so every reader names the file the same way."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} not found: {path}")
+  _require_file(path, what)
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise error(f"{path}: malformed JSON: {e}") from None
+
+
+def read_yaml(path: str, *, what: str, error: type[Exception] = ValueError) -> Any:
+  """`read_json` for a YAML file: malformed YAML raises `error('PATH: malformed YAML (line N): ...')`."""
+  import yaml
+  _require_file(path, what)
+  with open(path, encoding="utf-8") as f:
+    try:
+      return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+      where = getattr(e, "problem_mark", None)
+      line = f" (line {where.line + 1})" if where is not None else ""
+      raise error(f"{path}: malformed YAML{line}: {getattr(e, 'problem', None) or e}") from None
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vldeformer_jax.io.files import read_json, write_json_atomic, write_text_atomic
+from vldeformer_jax.io.files import read_json, read_yaml, write_json_atomic, write_text_atomic
 from vldeformer_jax.retrieval import label_metrics
 from vldeformer_jax.retrieval.metrics import PROTOCOLS, RECALL_KS
 
@@ -54,19 +54,6 @@ def check_rerank_depth(rerank_top_k: int, ks=RECALL_KS) -> None:
                            f"rerank_top_k >= {max(ks)} or 0")
 
 
-def _read_yaml(path: str):
-  import yaml
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"suite file not found: {path}")
-  with open(path, encoding="utf-8") as f:
-    try:
-      return yaml.safe_load(f)
-    except yaml.YAMLError as e:
-      where = getattr(e, "problem_mark", None)
-      line = f" (line {where.line + 1})" if where is not None else ""
-      raise ValueError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', None) or e}") from None
-
-
 def load_suite(path_or_dict) -> dict:
   """Reads and checks a suite (see the module docstring); returns it with defaults filled in."""
   base = "."
@@ -76,7 +63,7 @@ def load_suite(path_or_dict) -> dict:
     path = str(path_or_dict)
     base = os.path.dirname(os.path.abspath(path))
     if path.endswith((".yaml", ".yml")):
-      suite = _read_yaml(path)
+      suite = read_yaml(path, what="suite file")
     else:
       suite = read_json(path, what="suite file")
     if not isinstance(suite, dict):
