@@ -32,14 +32,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import os
 
-  from vldeformer_jax.data import demo_world as demo
+  from vldeformer_jax.data import demo_world, object_demo
   from vldeformer_jax.training import continual
   data = os.path.join(os.path.abspath(_WORKDIR.value), "data")
-  classes = list(demo.CLASSES)
+  classes = list(demo_world.CLASSES)
   tasks = []
   for t in range(_GROUPS.value):
     group = classes[t::_GROUPS.value]
-    name = demo.prepare_object_demo(data, _SEED.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
+    name = object_demo.prepare_object_demo(data, _SEED.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
                                     name=f"continual_task{t}", classes=group)
     tasks.append({"name": name, "data_dir": data, "classes": group})
   result = continual.run_continual(_CONFIG.value, _WORKDIR.value, tasks)

@@ -18,13 +18,14 @@ from absl import logging
 from vldeformer_jax import cli
 from vldeformer_jax.data import bitext
 from vldeformer_jax.data import demo_world as demo
+from vldeformer_jax.data import object_demo
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "tfds data dir to prepare the demo dataset into.")
 flags.DEFINE_string("vinvl_dir", None, "Instead: only write the VinVL-format files into this new directory.")
 flags.DEFINE_enum("variant", "scene", ["scene", "object"], "scene: 2-5 objects and relations per image; object: "
                   "one object per image, captions about its colour and size (same world as seed's scene demo).")
-flags.DEFINE_string("name", None, f"Dataset name (default {demo.DEMO_NAME}, or {demo.OBJECT_DEMO_NAME} for "
+flags.DEFINE_string("name", None, f"Dataset name (default {demo.DEMO_NAME}, or {object_demo.OBJECT_DEMO_NAME} for "
                     "--variant=object).")
 flags.DEFINE_integer("seed", 0, "Generator seed (the dataset is a deterministic function of it).")
 flags.DEFINE_integer("num_train", None, f"Training images (default {demo.DEFAULT_NUM_TRAIN}; object: 600).")
@@ -46,7 +47,7 @@ def main(argv):
   obj = FLAGS.variant == "object"
   num_train = FLAGS.num_train or (600 if obj else demo.DEFAULT_NUM_TRAIN)
   num_test = FLAGS.num_test or (200 if obj else 1000)
-  name = FLAGS.name or (demo.OBJECT_DEMO_NAME if obj else demo.DEMO_NAME)
+  name = FLAGS.name or (object_demo.OBJECT_DEMO_NAME if obj else demo.DEMO_NAME)
   if obj and FLAGS.noisy_captions:
     raise app.UsageError("--noisy_captions applies to --variant=scene only")
   noisy = {} if obj or not FLAGS.noisy_captions else {"noisy_captions": FLAGS.noisy_captions,
@@ -54,10 +55,10 @@ def main(argv):
   if noisy and not FLAGS.name:
     name = f"{name}_noisy{round(100 * FLAGS.noisy_captions)}"
   if FLAGS.vinvl_dir:
-    write = demo.write_object_demo_vinvl if obj else demo.write_demo_vinvl
+    write = object_demo.write_object_demo_vinvl if obj else demo.write_demo_vinvl
     print(write(FLAGS.vinvl_dir, FLAGS.seed, num_train, num_test, **noisy))
   else:
-    prep = demo.prepare_object_demo if obj else demo.prepare_demo
+    prep = object_demo.prepare_object_demo if obj else demo.prepare_demo
     print(prep(FLAGS.data_dir, FLAGS.seed, num_train=num_train, num_test=num_test, name=name,
                overwrite=FLAGS.overwrite, **noisy))
     if FLAGS.bitext and not obj:

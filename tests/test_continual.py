@@ -100,7 +100,7 @@ def test_an_index_without_entry_encoders_reads_as_one_encoder(tmp_path):
 
 def test_run_continual_two_tasks_keep_and_reindex(tmp_path):
   import importlib.util
-  from vldeformer_jax.data import demo_world as demo
+  from vldeformer_jax.data import object_demo as demo
   from vldeformer_jax.training import continual as run
   spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__), "..", "configs",
                                                                       "tiny.py"))

@@ -7,14 +7,15 @@ import os
 import numpy as np
 import pytest
 
-from vldeformer_jax.data import demo_world as demo
+from vldeformer_jax.data import demo_world as world
+from vldeformer_jax.data import object_demo as demo
 from vldeformer_jax.data import prepare
 from vldeformer_jax.data import vinvl
 from vldeformer_jax.model.inputs import load_tokenizer
 from vldeformer_jax.retrieval.label_metrics import labels_from_tags
 
 FILES = ("features.tsv", "features.lineidx", "imageid2idx.json", "predictions.tsv", "predictions.lineidx",
-         "train_captions.json", "test_captions.json", "test_img_keys.tsv", demo.SCENES_FILE)
+         "train_captions.json", "test_captions.json", "test_img_keys.tsv", world.SCENES_FILE)
 
 
 def test_deterministic_one_object_per_image_captions_name_its_attributes(tmp_path):
@@ -24,7 +25,7 @@ def test_deterministic_one_object_per_image_captions_name_its_attributes(tmp_pat
   demo.write_object_demo_vinvl(c, seed=1, num_train=30, num_test=10)
   assert all(filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False) for f in FILES)
   assert not filecmp.cmp(os.path.join(a, "features.tsv"), os.path.join(c, "features.tsv"), shallow=False)
-  with open(os.path.join(a, demo.SCENES_FILE)) as f:
+  with open(os.path.join(a, world.SCENES_FILE)) as f:
     scenes = json.load(f)
   caps = {**vinvl.load_captions(os.path.join(a, "train_captions.json")),
           **vinvl.load_captions(os.path.join(a, "test_captions.json"))}
@@ -37,8 +38,8 @@ def test_deterministic_one_object_per_image_captions_name_its_attributes(tmp_pat
     for cap in caps[int(iid)]:
       words = cap.split()
       assert o["class"] in words
-      assert o["colour"] in words or set(words) & set(demo.SIZE_WORDS[o["size"]])
-      assert not set(words) & (set(demo.COLOURS) - {o["colour"]})
+      assert o["colour"] in words or set(words) & set(world.SIZE_WORDS[o["size"]])
+      assert not set(words) & (set(world.COLOURS) - {o["colour"]})
       assert "[UNK]" not in tok.tokenize(cap)
   with open(os.path.join(a, "predictions.tsv"), "rb") as f:
     for line in f:
@@ -48,13 +49,13 @@ def test_deterministic_one_object_per_image_captions_name_its_attributes(tmp_pat
 
 def test_same_world_prototypes_as_the_scene_demo():
   # The scene demo draws its prototypes first from default_rng(seed); the object variant reuses that draw.
-  p_scene = demo._prototypes(np.random.default_rng(3))
+  p_scene = world.world_prototypes(np.random.default_rng(3))
   rng = np.random.default_rng([3, 17])
-  img = demo._object_images(rng, [5])[0]
-  feats = demo._region_features(3, p_scene, img)
+  img = demo.object_images(rng, [5])[0]
+  feats = world.region_features(3, p_scene, img)
   o = img.regions[0]
   direction = p_scene[0][o.cls]  # the class prototype dominates the region vector
-  cos = feats[0, :demo.VISUAL_DIM] @ direction / np.linalg.norm(feats[0, :demo.VISUAL_DIM]) / np.linalg.norm(direction)
+  cos = feats[0, :world.VISUAL_DIM] @ direction / np.linalg.norm(feats[0, :world.VISUAL_DIM]) / np.linalg.norm(direction)
   assert cos > 0.3
 
 
@@ -65,7 +66,7 @@ def test_prepare_object_demo_loads_with_one_label_per_record(tmp_path, monkeypat
   assert len(test) == 8 and len(prepare.load_split(data_dir, demo.OBJECT_DEMO_NAME, "train")) == 12
   for i in range(len(test)):
     rec = test[i]
-    assert rec["features"].shape == (1, demo.FEATURE_DIM) and len(rec["captions"]) == 5
+    assert rec["features"].shape == (1, world.FEATURE_DIM) and len(rec["captions"]) == 5
     assert len(labels_from_tags(rec["tags"])) == 1
 
   def fail(*a, **k):
@@ -90,7 +91,7 @@ def test_make_demo_data_variant_object(tmp_path):
 def test_class_subset_for_continual_tasks(tmp_path):
   out = str(tmp_path / "a")
   demo.write_object_demo_vinvl(out, seed=0, num_train=20, num_test=6, classes=["dog", "cat"])
-  with open(os.path.join(out, demo.SCENES_FILE)) as f:
+  with open(os.path.join(out, world.SCENES_FILE)) as f:
     assert {o[0]["class"] for o in json.load(f).values()} <= {"dog", "cat"}
   with pytest.raises(ValueError, match="unknown"):
     demo.write_object_demo_vinvl(str(tmp_path / "b"), classes=["unicorn"])

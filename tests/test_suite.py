@@ -94,14 +94,15 @@ def test_suite_equals_evaluate_plus_label_map_and_is_deterministic():
 
 def test_launcher_suite_run_and_depth_refusal(tmp_path):
   from vldeformer_jax.data import demo_world as demo
+  from vldeformer_jax.data import object_demo
   cfg = CFG.replace(img_feature_dim=demo.FEATURE_DIM)
   export.write_export(str(tmp_path / "export"), tiny_params(cfg, 0), cfg, inputs.BUNDLED_VOCAB)
   data = str(tmp_path / "data")
   demo.prepare_demo(data, seed=1, num_train=2, num_test=6)
-  demo.prepare_object_demo(data, seed=1, num_train=2, num_test=6)
+  object_demo.prepare_object_demo(data, seed=1, num_train=2, num_test=6)
   path = tmp_path / "suite.json"
   path.write_text(json.dumps({"datasets": [{"name": demo.DEMO_NAME, "data_dir": "data", "tag": "scene"},
-                                           {"name": demo.OBJECT_DEMO_NAME, "data_dir": "data", "tag": "object"}]}))
+                                           {"name": object_demo.OBJECT_DEMO_NAME, "data_dir": "data", "tag": "object"}]}))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   refused = subprocess.run([sys.executable, "launch/evaluate.py", f"--export={tmp_path / 'no_export'}",
                             f"--suite={path}", "--rerank_top_k=5"], cwd=ROOT, env=env, capture_output=True,
@@ -119,7 +120,7 @@ def test_launcher_suite_run_and_depth_refusal(tmp_path):
   assert sorted(os.listdir(out.parent)) == ["suite.json", "suite.txt"]
   assert open(out.parent / "suite.txt").read().strip() == suite.format_suite_table(res)
   assert set(res["by_tag"]) == {"scene", "object"} and res["model"] == "export"
-  assert res["datasets"][f"{demo.OBJECT_DEMO_NAME}/test"]["num_images"] == 6
+  assert res["datasets"][f"{object_demo.OBJECT_DEMO_NAME}/test"]["num_images"] == 6
   assert "mean object (1)" in run.stdout
 
 

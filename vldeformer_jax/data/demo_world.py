@@ -62,7 +62,7 @@ def vocabulary() -> list[str]:
 
 
 @dataclasses.dataclass
-class _Obj:
+class WorldObject:
   cls: int
   colour: int
   size: int  # 0 small, 1 large
@@ -71,21 +71,21 @@ class _Obj:
 
 
 @dataclasses.dataclass
-class _Image:
+class WorldImage:
   image_id: int
   width: int
   height: int
-  objects: list[_Obj]  # what the captions describe
-  regions: list[_Obj]  # what the detector saw: objects minus misses plus false alarms, in region order
+  objects: list[WorldObject]  # what the captions describe
+  regions: list[WorldObject]  # what the detector saw: objects minus misses plus false alarms, in region order
   captions: list[str]
 
 
-def _new_obj(rng, cls, cell) -> _Obj:
-  return _Obj(int(cls), int(rng.integers(len(COLOURS))), int(rng.integers(2)), int(cell),
+def new_object(rng, cls, cell) -> WorldObject:
+  return WorldObject(int(cls), int(rng.integers(len(COLOURS))), int(rng.integers(2)), int(cell),
               tuple(float(v) for v in rng.uniform(-1, 1, 4)))
 
 
-def _box(o: _Obj, w: int, h: int) -> tuple[float, float, float, float]:
+def _box(o: WorldObject, w: int, h: int) -> tuple[float, float, float, float]:
   """Pixel box: the cell centre plus jitter; small objects span ~13% of the image side, large ~26%."""
   frac = (0.13, 0.26)[o.size]
   cx = ((o.cell % 3) + 0.5) / 3 + 0.06 * o.jitter[0]
@@ -96,7 +96,7 @@ def _box(o: _Obj, w: int, h: int) -> tuple[float, float, float, float]:
   return x1 * w, y1 * h, x2 * w, y2 * h
 
 
-def _relation(a: _Obj, b: _Obj) -> str | None:
+def _relation(a: WorldObject, b: WorldObject) -> str | None:
   """Where `a` is relative to `b`, if one axis clearly dominates (grid cells make this the usual case)."""
   dx = (a.cell % 3 - b.cell % 3) / 3 + 0.06 * (a.jitter[0] - b.jitter[0])
   dy = (a.cell // 3 - b.cell // 3) / 3 + 0.06 * (a.jitter[1] - b.jitter[1])
@@ -107,9 +107,9 @@ def _relation(a: _Obj, b: _Obj) -> str | None:
   return None
 
 
-def _scene(rng, classes) -> list[_Obj]:
+def _scene(rng, classes) -> list[WorldObject]:
   cells = rng.choice(9, size=len(classes), replace=False)
-  objs = [_new_obj(rng, c, cell) for c, cell in zip(classes, cells)]
+  objs = [new_object(rng, c, cell) for c, cell in zip(classes, cells)]
   _distinct_duplicates(rng, objs)
   return objs
 
@@ -122,7 +122,7 @@ def _distinct_duplicates(rng, objs) -> None:
       o.colour = int(rng.integers(len(COLOURS)))
 
 
-def _one_change(rng, base: list[_Obj]) -> list[_Obj]:
+def _one_change(rng, base: list[WorldObject]) -> list[WorldObject]:
   """A copy of `base` with one colour, one size, or the positions of two objects changed."""
   objs = [dataclasses.replace(o) for o in base]
   kind = rng.integers(3)
@@ -138,18 +138,18 @@ def _one_change(rng, base: list[_Obj]) -> list[_Obj]:
   return objs
 
 
-def _article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
   return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _noun_phrase(rng, o: _Obj) -> str:
+def _noun_phrase(rng, o: WorldObject) -> str:
   style = rng.choice(4, p=(0.4, 0.35, 0.15, 0.1))
   size = str(rng.choice(SIZE_WORDS[SIZES[o.size]]))
   words = ([[COLOURS[o.colour]], [size, COLOURS[o.colour]], [size], []][style]) + [CLASSES[o.cls]]
   return " ".join(words)
 
 
-def _caption(rng, objs: list[_Obj]) -> str:
+def _caption(rng, objs: list[WorldObject]) -> str:
   pairs = [(a, b, r) for a in objs for b in objs if a is not b and (r := _relation(a, b))]
   kind = int(rng.integers(6)) if pairs else int(rng.choice([3, 4, 5]))
   if kind <= 2:
@@ -157,21 +157,21 @@ def _caption(rng, objs: list[_Obj]) -> str:
     rel = str(rng.choice(RELATION_WORDS[r]))
     na, nb = _noun_phrase(rng, a), _noun_phrase(rng, b)
     if kind == 0:
-      return f"{_article(na)} {rel} {_article(nb)}"
+      return f"{with_article(na)} {rel} {with_article(nb)}"
     if kind == 1:
       return f"the {na} is {rel} the {nb}"
     others = [o for o in objs if o is not a and o is not b]
     if not others:
-      return f"a photo of {_article(na)} {rel} {_article(nb)}"
-    return f"there is {_article(na)} {rel} {_article(nb)} and {_article(_noun_phrase(rng, others[0]))}"
+      return f"a photo of {with_article(na)} {rel} {with_article(nb)}"
+    return f"there is {with_article(na)} {rel} {with_article(nb)} and {with_article(_noun_phrase(rng, others[0]))}"
   order = [objs[i] for i in rng.permutation(len(objs))]
   if kind == 3:
-    return f"a {rng.choice(['photo', 'picture'])} of {_article(_noun_phrase(rng, order[0]))} and " \
-           f"{_article(_noun_phrase(rng, order[1]))}"
+    return f"a {rng.choice(['photo', 'picture'])} of {with_article(_noun_phrase(rng, order[0]))} and " \
+           f"{with_article(_noun_phrase(rng, order[1]))}"
   if kind == 4 and len(objs) >= 3:
-    nps = [_article(_noun_phrase(rng, o)) for o in order[:4]]
+    nps = [with_article(_noun_phrase(rng, o)) for o in order[:4]]
     return " , ".join(nps[:-1]) + " and " + nps[-1]
-  return f"{_article(_noun_phrase(rng, order[0]))} next to {_article(_noun_phrase(rng, order[1]))}"
+  return f"{with_article(_noun_phrase(rng, order[0]))} next to {with_article(_noun_phrase(rng, order[1]))}"
 
 
 def _captions(rng, objs, n=5) -> list[str]:
@@ -187,16 +187,16 @@ def _captions(rng, objs, n=5) -> list[str]:
   return out
 
 
-def _detections(rng, objs: list[_Obj]) -> list[_Obj]:
+def _detections(rng, objs: list[WorldObject]) -> list[WorldObject]:
   seen = list(objs)
   if len(seen) >= 3 and rng.random() < _P_MISS * len(seen):
     seen.pop(int(rng.integers(len(seen))))
   if rng.random() < _P_FALSE_ALARM:
-    seen.append(_new_obj(rng, rng.integers(len(CLASSES)), rng.integers(9)))
+    seen.append(new_object(rng, rng.integers(len(CLASSES)), rng.integers(9)))
   return [seen[i] for i in rng.permutation(len(seen))]
 
 
-def _images(rng, image_ids) -> list[_Image]:
+def _images(rng, image_ids) -> list[WorldImage]:
   """Groups of 2-4 images over one class set; later members often differ from the first by one change."""
   images = []
   while len(images) < len(image_ids):
@@ -204,7 +204,7 @@ def _images(rng, image_ids) -> list[_Image]:
   return images
 
 
-def _group_images(rng, image_ids, size: int | None = None) -> list[_Image]:
+def _group_images(rng, image_ids, size: int | None = None) -> list[WorldImage]:
   """One group over one class set: `size` images (default: 2-4, drawn), at most `len(image_ids)`; the
   first a fresh scene, later ones one change away (or a fresh scene of the same classes)."""
   k = int(rng.integers(2, 6))
@@ -217,11 +217,11 @@ def _group_images(rng, image_ids, size: int | None = None) -> list[_Image]:
   for j in range(min(size, len(image_ids))):
     objs = base if j == 0 else (_one_change(rng, base) if rng.random() < _P_ONE_CHANGE else _scene(rng, classes))
     w, h = int(rng.integers(480, 641)), int(rng.integers(360, 481))
-    images.append(_Image(int(image_ids[j]), w, h, objs, _detections(rng, objs), _captions(rng, objs)))
+    images.append(WorldImage(int(image_ids[j]), w, h, objs, _detections(rng, objs), _captions(rng, objs)))
   return images
 
 
-def _region_features(seed: int, protos, img: _Image) -> np.ndarray:
+def region_features(seed: int, protos, img: WorldImage) -> np.ndarray:
   """float32 [n_regions, 2054]; its own random stream, so rows can be written in any order."""
   rng = np.random.default_rng([seed, 1, img.image_id])
   p_cls, p_col, p_size = protos
@@ -236,14 +236,14 @@ def _region_features(seed: int, protos, img: _Image) -> np.ndarray:
   return np.asarray(rows, np.float32).reshape(len(img.regions), FEATURE_DIM)
 
 
-def _prototypes(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def world_prototypes(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The world's visual prototypes (class, colour, size): what a detector's features are made of. Every
   dataset drawn from one world seed shares them, as images from one detector do."""
   return (rng.standard_normal((len(CLASSES), VISUAL_DIM)), rng.standard_normal((len(COLOURS), VISUAL_DIM)),
           rng.standard_normal((len(SIZES), VISUAL_DIM)))
 
 
-def scene_description(img: _Image) -> list[dict]:
+def scene_description(img: WorldImage) -> list[dict]:
   """The objects an image's captions describe, for drawing it: class, colour, size and 3x3 grid cell."""
   return [{"class": CLASSES[o.cls], "colour": COLOURS[o.colour], "size": SIZES[o.size], "cell": o.cell}
           for o in img.objects]
@@ -274,13 +274,13 @@ class CorpusSource:
     if num_images < 1:
       raise ValueError(f"CorpusSource: num_images must be positive, got {num_images}")
     self.num_images, self.seed, self.world_seed = int(num_images), int(seed), int(world_seed)
-    self._protos = _prototypes(np.random.default_rng(world_seed))
-    self._cache: tuple[int, list[_Image]] | None = None
+    self._protos = world_prototypes(np.random.default_rng(world_seed))
+    self._cache: tuple[int, list[WorldImage]] | None = None
 
   def __len__(self) -> int:
     return self.num_images
 
-  def _group(self, g: int) -> list[_Image]:
+  def _group(self, g: int) -> list[WorldImage]:
     cache = self._cache  # one read: prefetch threads may replace it concurrently
     if cache is not None and cache[0] == g:
       return cache[1]
@@ -290,14 +290,14 @@ class CorpusSource:
     self._cache = (g, images)
     return images
 
-  def image(self, index: int) -> _Image:
+  def image(self, index: int) -> WorldImage:
     if not 0 <= index < self.num_images:
       raise IndexError(f"CorpusSource index {index} out of range [0, {self.num_images})")
     return self._group(index // self.GROUP)[index % self.GROUP]
 
   def __getitem__(self, index: int) -> dict:
     img = self.image(int(index))
-    feats = _region_features(self.seed, self._protos, img)
+    feats = region_features(self.seed, self._protos, img)
     classes = [CLASSES[o.cls] for o in img.regions]
     return {"image_id": img.image_id, "features": feats, "tags": " ".join(classes), "captions": list(img.captions),
             "region_classes": classes}
@@ -314,6 +314,57 @@ def _write_tsv(path: str, rows) -> None:
     f.write("".join(f"{o}\n" for o in offsets))
 
 
+def write_vinvl_files(out_dir: str, seed: int, protos, rows: list[WorldImage],
+                      splits: dict[str, tuple[list[WorldImage], list[list[str]]]], key_files: dict[str, list[int]],
+                      confidence) -> None:
+  """Generated images as the VinVL file set (docs/method.md §3.3), written to a temp dir renamed to `out_dir`.
+
+  `rows`: the images in the files' row order; `splits`: {split: (images, their captions)} for the
+  `<split>_captions.json` files (the scene descriptions follow the splits' order); `key_files`: {file name:
+  image ids, one per line}; `confidence(obj)`: the detector's score of a region. Why one writer: every
+  generated dataset must be read by `prepare_vinvl` exactly as real VinVL files are.
+  """
+  tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+  os.makedirs(tmp)
+  try:
+    def feature_rows():
+      for img in tqdm(rows, desc="demo features", unit="img", mininterval=2.0):
+        feats = region_features(seed, protos, img)
+        yield [str(img.image_id).encode(), str(len(feats)).encode(), base64.b64encode(feats.astype("<f4").tobytes())]
+
+    def prediction_rows():
+      for img in rows:
+        objects = [{"class": CLASSES[o.cls], "rect": [round(v, 2) for v in _box(o, img.width, img.height)],
+                    "conf": confidence(o)} for o in img.regions]
+        yield [str(img.image_id).encode(), json.dumps(
+            {"objects": objects, "image_h": img.height, "image_w": img.width}).encode()]
+
+    _write_tsv(os.path.join(tmp, "features.tsv"), feature_rows())
+    _write_tsv(os.path.join(tmp, "predictions.tsv"), prediction_rows())
+    with open(os.path.join(tmp, "imageid2idx.json"), "w") as f:
+      json.dump({str(img.image_id): i for i, img in enumerate(rows)}, f)
+    for split, (imgs, caps) in splits.items():
+      with open(os.path.join(tmp, f"{split}_captions.json"), "w") as f:
+        json.dump({str(img.image_id): c for img, c in zip(imgs, caps)}, f)
+    with open(os.path.join(tmp, SCENES_FILE), "w") as f:
+      json.dump({str(img.image_id): scene_description(img) for imgs, _ in splits.values() for img in imgs}, f)
+    for name, ids in key_files.items():
+      with open(os.path.join(tmp, name), "w") as f:
+        f.write("".join(f"{i}\n" for i in ids))
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def check_new_output(out_dir: str, num_train: int, num_test: int) -> None:
+  """The generators' shared refusals: `out_dir` must not exist, both splits must be non-empty."""
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"{out_dir} already exists")
+  if num_train < 1 or num_test < 1:
+    raise ValueError(f"num_train ({num_train}) and num_test ({num_test}) must be positive")
+
+
 def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN,
                      num_test: int = 1000, noisy_captions: float = 0.0, noise_seed: int = 0) -> dict:
   """Writes the demo in the VinVL layout into `out_dir` (which must not exist); deterministic in `seed`.
@@ -324,55 +375,23 @@ def write_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = DEFAULT_NUM_T
   captions (data/noisy_pairs.py, seeded by `noise_seed`; the images and the test split are unchanged).
   Returns a summary dict.
   """
-  if os.path.exists(out_dir):
-    raise FileExistsError(f"{out_dir} already exists")
-  if num_train < 1 or num_test < 1:
-    raise ValueError(f"num_train ({num_train}) and num_test ({num_test}) must be positive")
+  check_new_output(out_dir, num_train, num_test)
   rng = np.random.default_rng(seed)
-  protos = _prototypes(rng)
+  protos = world_prototypes(rng)
   ids = rng.choice(np.arange(100_000, 1_000_000), size=num_train + num_test, replace=False)
   train, test = _images(rng, ids[:num_train]), _images(rng, ids[num_train:])
   everything = train + test
-  row_order = rng.permutation(len(everything))
-  tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
-    def feature_rows():
-      for r in tqdm(row_order, desc="demo features", unit="img", mininterval=2.0):
-        img = everything[r]
-        feats = _region_features(seed, protos, img)
-        yield [str(img.image_id).encode(), str(len(feats)).encode(), base64.b64encode(feats.astype("<f4").tobytes())]
-
-    def prediction_rows():
-      for r in row_order:
-        img = everything[r]
-        objects = [{"class": CLASSES[o.cls], "rect": [round(v, 2) for v in _box(o, img.width, img.height)],
-                    "conf": round(0.5 + 0.5 * (o.jitter[2] + 1) / 2, 4)} for o in img.regions]
-        yield [str(img.image_id).encode(), json.dumps(
-            {"objects": objects, "image_h": img.height, "image_w": img.width}).encode()]
-
-    _write_tsv(os.path.join(tmp, "features.tsv"), feature_rows())
-    _write_tsv(os.path.join(tmp, "predictions.tsv"), prediction_rows())
-    with open(os.path.join(tmp, "imageid2idx.json"), "w") as f:
-      json.dump({str(everything[r].image_id): i for i, r in enumerate(row_order)}, f)
-    train_captions = [img.captions for img in train]
-    if noisy_captions > 0:  # docs/method.md §4.10
-      from vldeformer_jax.data import noisy_pairs
-      train_captions, _ = noisy_pairs.replace_captions(train_captions, noisy_captions, noise_seed)
-    for split, imgs, caps in (("train", train, train_captions), ("test", test, [img.captions for img in test])):
-      with open(os.path.join(tmp, f"{split}_captions.json"), "w") as f:
-        json.dump({str(img.image_id): c for img, c in zip(imgs, caps)}, f)
-    with open(os.path.join(tmp, SCENES_FILE), "w") as f:
-      json.dump({str(img.image_id): scene_description(img) for img in everything}, f)
-    test_ids = [img.image_id for img in test]
-    with open(os.path.join(tmp, "test_img_keys.tsv"), "w") as f:
-      f.write("".join(f"{test_ids[i]}\n" for i in rng.permutation(len(test_ids))))
-    with open(os.path.join(tmp, "test_img_keys_1k.tsv"), "w") as f:
-      f.write("".join(f"{test_ids[i]}\n" for i in rng.permutation(len(test_ids))[:1000]))
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  rows = [everything[r] for r in rng.permutation(len(everything))]
+  test_ids = [img.image_id for img in test]
+  key_files = {"test_img_keys.tsv": [test_ids[i] for i in rng.permutation(len(test_ids))],
+               "test_img_keys_1k.tsv": [test_ids[i] for i in rng.permutation(len(test_ids))[:1000]]}
+  train_captions = [img.captions for img in train]
+  if noisy_captions > 0:  # docs/method.md §4.10
+    from vldeformer_jax.data import noisy_pairs
+    train_captions, _ = noisy_pairs.replace_captions(train_captions, noisy_captions, noise_seed)
+  write_vinvl_files(out_dir, seed, protos, rows,
+                    {"train": (train, train_captions), "test": (test, [img.captions for img in test])}, key_files,
+                    confidence=lambda o: round(0.5 + 0.5 * (o.jitter[2] + 1) / 2, 4))
   return {"dir": out_dir, "num_train": num_train, "num_test": num_test,
           "num_regions": int(sum(len(i.regions) for i in everything)), "feature_dim": FEATURE_DIM}
 
@@ -393,12 +412,12 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
   if noisy_captions > 0:  # only then: a clean dataset's metadata is what it always was
     want.update(noisy_captions=float(noisy_captions), noise_seed=int(noise_seed))
   write = lambda out: write_demo_vinvl(out, seed, num_train, num_test, noisy_captions, noise_seed)  # noqa: E731
-  return _prepare_generated(data_dir, name, want, write,
+  return prepare_generated(data_dir, name, want, write,
                             f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
                             overwrite)
 
 
-def _prepare_generated(data_dir: str, name: str, want: dict, write, description: str, overwrite: bool) -> str:
+def prepare_generated(data_dir: str, name: str, want: dict, write, description: str, overwrite: bool) -> str:
   """`write(vinvl_dir)` into a scratch dir, then `prepare_vinvl` into `<data_dir>/<name>` with `want` as
   its `demo` metadata and the scene descriptions beside it; skipped when that dataset exists with `want`."""
   from vldeformer_jax.data import prepare  # tfds is only needed here
@@ -420,109 +439,3 @@ def _prepare_generated(data_dir: str, name: str, want: dict, write, description:
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return name
-
-
-# ------------------------------------------------------------------------------------------------------
-# The object-centric variant: one object per image, captions about that object's fine attributes.
-# Same world (the prototypes of `seed`), so a model trained on the scene-centric demo is evaluated on it as
-# is, like models trained on COCO are evaluated on fine-grained object-centric sets.
-
-OBJECT_DEMO_NAME = "vldeformer_demo_objects"
-OBJECT_GENERATOR_VERSION = 1
-_OBJECT_TEMPLATES = ("a photo of {a_full}", "{a_colour}", "the {cls} is {colour}", "a picture of {a_size}",
-                     "there is {a_full}", "{a_full}", "the {cls} is {size}")
-
-
-def _object_captions(rng, o: _Obj, n: int = 5) -> list[str]:
-  """Five distinct captions about one object: its class with colour and/or size words."""
-  colour, cls = COLOURS[o.colour], CLASSES[o.cls]
-  out = []
-  for t in rng.permutation(len(_OBJECT_TEMPLATES)):
-    size = str(rng.choice(SIZE_WORDS[SIZES[o.size]]))
-    out.append(_OBJECT_TEMPLATES[int(t)].format(
-        a_full=_article(f"{size} {colour} {cls}"), a_colour=_article(f"{colour} {cls}"),
-        a_size=_article(f"{size} {cls}"), cls=cls, colour=colour, size=size))
-    if len(out) == n:
-      break
-  return out
-
-
-def _object_images(rng, image_ids, classes=None) -> list[_Image]:
-  """Groups of 2-4 images of one class that differ in colour or size (fine-grained), one object each,
-  seen by the detector as exactly one region (no misses, no false alarms)."""
-  images = []
-  while len(images) < len(image_ids):
-    cls = int(rng.integers(len(CLASSES))) if classes is None else int(classes[int(rng.integers(len(classes)))])
-    seen = set()
-    for _ in range(min(int(rng.integers(2, 5)), len(image_ids) - len(images))):
-      o = _new_obj(rng, cls, int(rng.integers(9)))
-      while (o.colour, o.size) in seen:  # members of a group differ in colour or size
-        o.colour, o.size = int(rng.integers(len(COLOURS))), int(rng.integers(2))
-      seen.add((o.colour, o.size))
-      w, h = int(rng.integers(480, 641)), int(rng.integers(360, 481))
-      images.append(_Image(int(image_ids[len(images)]), w, h, [o], [o], _object_captions(rng, o)))
-  return images
-
-
-def _class_indices(classes) -> list[int] | None:
-  if classes is None:
-    return None
-  unknown = [c for c in classes if c not in CLASSES]
-  if unknown or not classes:
-    raise ValueError(f"object demo classes must be a non-empty subset of the demo's CLASSES; unknown: {unknown}")
-  return [CLASSES.index(c) for c in classes]
-
-
-def write_object_demo_vinvl(out_dir: str, seed: int = 0, num_train: int = 600, num_test: int = 200,
-                            classes=None) -> dict:
-  """The object-centric demo in the VinVL layout (the files of `write_demo_vinvl`); deterministic in `seed`,
-  sharing the world prototypes of `seed` with the scene-centric demo. `out_dir` must not exist. `classes`:
-  only objects of these class names (a task of a class-incremental sequence); default all."""
-  if os.path.exists(out_dir):
-    raise FileExistsError(f"{out_dir} already exists")
-  if num_train < 1 or num_test < 1:
-    raise ValueError(f"num_train ({num_train}) and num_test ({num_test}) must be positive")
-  protos = _prototypes(np.random.default_rng(seed))  # the scene demo's first draw: the same world
-  rng = np.random.default_rng([seed, 17])
-  ids = rng.choice(np.arange(1_000_000, 2_000_000), size=num_train + num_test, replace=False)
-  cls = _class_indices(classes)
-  train, test = _object_images(rng, ids[:num_train], cls), _object_images(rng, ids[num_train:], cls)
-  everything = train + test
-  tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
-    _write_tsv(os.path.join(tmp, "features.tsv"), (
-        [str(i.image_id).encode(), b"1", base64.b64encode(_region_features(seed, protos, i).astype("<f4").tobytes())]
-        for i in everything))
-    _write_tsv(os.path.join(tmp, "predictions.tsv"), (
-        [str(i.image_id).encode(), json.dumps({"objects": [
-            {"class": CLASSES[o.cls], "rect": [round(v, 2) for v in _box(o, i.width, i.height)], "conf": 0.9}
-            for o in i.regions], "image_h": i.height, "image_w": i.width}).encode()] for i in everything))
-    with open(os.path.join(tmp, "imageid2idx.json"), "w") as f:
-      json.dump({str(i.image_id): r for r, i in enumerate(everything)}, f)
-    for split, imgs in (("train", train), ("test", test)):
-      with open(os.path.join(tmp, f"{split}_captions.json"), "w") as f:
-        json.dump({str(i.image_id): i.captions for i in imgs}, f)
-    with open(os.path.join(tmp, SCENES_FILE), "w") as f:
-      json.dump({str(i.image_id): scene_description(i) for i in everything}, f)
-    with open(os.path.join(tmp, "test_img_keys.tsv"), "w") as f:
-      f.write("".join(f"{i.image_id}\n" for i in test))
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return {"dir": out_dir, "num_train": num_train, "num_test": num_test, "num_regions": len(everything),
-          "feature_dim": FEATURE_DIM}
-
-
-def prepare_object_demo(data_dir: str, seed: int = 0, *, num_train: int = 600, num_test: int = 200,
-                        name: str = OBJECT_DEMO_NAME, overwrite: bool = False, classes=None) -> str:
-  """`write_object_demo_vinvl` + `prepare_vinvl` into `<data_dir>/<name>` (beside the scene-centric demo);
-  returns `name`; skipped when that dataset exists with the same parameters."""
-  want = {"variant": "object", "seed": int(seed), "num_train": int(num_train), "num_test": int(num_test),
-          "generator_version": OBJECT_GENERATOR_VERSION}
-  if classes is not None:
-    want["classes"] = list(classes)
-  return _prepare_generated(
-      data_dir, name, want, lambda out: write_object_demo_vinvl(out, seed, num_train, num_test, classes),
-      f"VLDeformer object-centric demo (seed {seed}), see vldeformer_jax/data/demo_world.py", overwrite)
