@@ -25,7 +25,6 @@ that fits every variant, as ratios to the plain step, at BERT-base widths with `
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np

@@ -9,7 +9,6 @@ the accuracy of the class predicted at its slot against chance (1 / classes, the
 writes the JSON atomically (vldeformer_jax/training/moc.py `evaluate_moc`). The dataset must have been
 prepared with per-region classes.
 """
-import json
 
 from absl import app
 from absl import flags

@@ -23,6 +23,7 @@ from repo_configs import config_module
 common, demo, tiny, vinvl_base_coco, vinvl_base_flickr = (
     config_module(n) for n in ("common", "demo", "tiny", "vinvl_base_coco", "vinvl_base_flickr"))
 from vldeformer_jax.training import config_checks as config_validation
+from vldeformer_jax.training import data_checks
 from vldeformer_jax.training import optim
 from vldeformer_jax.training import setup as train_setup
 from vldeformer_jax.model.vldeformer import init_params
@@ -239,19 +240,18 @@ def test_what_fails_later_against_the_data_is_checked_before_compiling(tmp_path,
   coco1k = ("config.eval.protocol: 'coco1k' averages folds of 1000 images, but split 'test' of dataset 'tiny_demo' "
             "has 16 images; use 'full' (or 'all': coco1k is added when there are enough images)")
   with pytest.raises(config_validation.ConfigError) as e:
-    config_validation.check_against_data(c, mc, data)
+    data_checks.check_against_data(c, mc, data)
   assert e.value.errors == [coco1k]
   c.eval.protocol = "full"
-  config_validation.check_against_data(c, mc, data)  # the tiny config itself fits its data
+  data_checks.check_against_data(c, mc, data)  # the tiny config itself fits its data
 
   # Records as another tool might have written them, and a tag length beyond the model's positions.
-  import numpy as np
   good = {"image_id": 7, "features": np.zeros((3, data.feature_dim), np.float32), "tags": b"dog",
           "captions": [b"a dog"]}
   bad = train_setup.Data(train=[{k: v for k, v in good.items() if k != "tags"}] * 16,
                          eval=[{**good, "captions": []}], feature_dim=data.feature_dim, data_dir=str(tmp_path / "x"))
   with pytest.raises(config_validation.ConfigError) as e:
-    config_validation.check_against_data(c, mc.replace(max_tag_len=70), bad)
+    data_checks.check_against_data(c, mc.replace(max_tag_len=70), bad)
   assert e.value.errors == [
       "config.data.max_tag_len: 70 tag tokens, more than the 64 position embeddings of the model",
       "config.data.train_split: record 0 of split 'train' of dataset 'tiny_demo' lacks tags (has: captions, "

@@ -5,7 +5,6 @@ import filecmp
 import json
 import os
 
-import numpy as np
 import pytest
 
 from vldeformer_jax.data import demo_world as demo

@@ -7,7 +7,6 @@ never here; these tests check that the faster code gives the same bytes.
 import glob
 import json
 
-import ml_dtypes
 import numpy as np
 import pytest
 

@@ -228,7 +228,6 @@ def test_late_interaction_loss_sharded_equals_single_device():
   import jax
   from vldeformer_jax import parallel
   from vldeformer_jax.training import late_interaction_term
-  from tolerances import gamma, max_abs
 
   g, w_len, t_len, h = 16, 6, 7, 8
   rng = np.random.default_rng(7)

@@ -126,7 +126,7 @@ def test_train_steps_on_each_mesh_equal_one_device(runs, name):
 
 @pytest.mark.parametrize("source, target", [("fsdp=8", "data=1"), ("data=2,model=4", "fsdp=8")])
 def test_checkpoint_restores_on_another_mesh_and_continues(runs, tmp_path, source, target):
-  c, mc, tx = runs["config"], runs["model_config"], runs["tx"]
+  mc, tx = runs["model_config"], runs["tx"]
   src, dst = runs[source], runs[target]
   saved = src["history"][-1][0]
   ckpts = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"), max_to_keep=None)

@@ -151,15 +151,15 @@ def test_pipeline_region_labels_and_old_records():
 
 def test_moc_config_validates_and_old_datasets_are_refused_with_one_line():
   from repo_configs import get_config
-  from vldeformer_jax.training import config_checks
+  from vldeformer_jax.training import config_checks, data_checks
   from vldeformer_jax.training.setup import Data
   c = get_config("demo_moc")
   assert c.early_interaction.moc_weight == 1.0 and moc.wants_region_labels(c)
   assert config_checks.validate(c, device_count=1, process_count=1) == []
   old = [{"image_id": 1, "features": np.zeros((2, 4), np.float32), "tags": b"dog", "captions": [b"a dog"]}]
-  errors = config_checks._region_class_errors(c, Data(train=old, eval=None, feature_dim=4, data_dir="/d"))
+  errors = data_checks._region_class_errors(c, Data(train=old, eval=None, feature_dim=4, data_dir="/d"))
   assert len(errors) == 1 and errors[0].startswith("config.early_interaction.moc_weight: masked object")
-  assert config_checks._region_class_errors(c, Data(train=[dict(old[0], region_classes=[b"dog"])], eval=None,
+  assert data_checks._region_class_errors(c, Data(train=[dict(old[0], region_classes=[b"dog"])], eval=None,
                                                     feature_dim=4, data_dir="/d")) == []
   bad = get_config("demo_moc")
   bad.early_interaction.moc_probability = 0.0

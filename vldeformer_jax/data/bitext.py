@@ -199,7 +199,7 @@ def _prepare_translated_test(data_dir, name, es_name, test, as_str, overwrite) -
     vinvl = os.path.join(scratch, "vinvl")
     os.makedirs(vinvl)
     records = [test[i] for i in range(len(test))]
-    feats, preds, caps, offsets_f, offsets_p = [], [], {}, [], []
+    caps, offsets_f, offsets_p = {}, [], []
     with open(os.path.join(vinvl, "features.tsv"), "wb") as ff, open(os.path.join(vinvl, "predictions.tsv"), "wb") as fp:
       for r in records:
         image_id = int(r["image_id"])

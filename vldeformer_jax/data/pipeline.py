@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from typing import Any, Iterator
 
 import grain
 import numpy as np
 
-from vldeformer_jax.model import inputs
 from vldeformer_jax.data import negatives as negatives_lib
 from vldeformer_jax.data import storage
 from vldeformer_jax.data import wordpieces as wordpieces_lib
 from vldeformer_jax.data import region_classes as region_classes_lib
-from vldeformer_jax.data import topics as topics_lib
 
 STATE_FORMAT = "vldeformer_jax.train_iterator"
 _MAX_STEPS = 2 ** 62  # "infinite": a lazy grain range over step numbers

@@ -32,7 +32,6 @@ from vldeformer_jax import parallel
 from vldeformer_jax.data import prepare
 from vldeformer_jax.io.export import UntrainedHeadError
 from vldeformer_jax.io.files import write_json_atomic
-from vldeformer_jax.model import inputs
 from vldeformer_jax.retrieval.encoder import Encoder
 from vldeformer_jax.retrieval import metrics
 from vldeformer_jax.retrieval import rerank as rerank_lib

@@ -31,6 +31,7 @@ from vldeformer_jax.io import workdir as workdir_lib
 from vldeformer_jax.model.config import ModelConfig
 from vldeformer_jax.model.vldeformer import VLDeformer
 from vldeformer_jax.training import config_checks
+from vldeformer_jax.training import data_checks
 from vldeformer_jax.training import metric_writers
 from vldeformer_jax.training import optim
 from vldeformer_jax.training import setup
@@ -151,7 +152,7 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   data = setup.open_data(config, workdir)
   # Checked against the data before anything is written or compiled (a failed start leaves no model files).
-  config_checks.check_against_data(config, setup.initial_model(config, workdir, write=False).model_config, data)
+  data_checks.check_against_data(config, setup.initial_model(config, workdir, write=False).model_config, data)
   total_steps = setup.total_steps(config, len(data.train))
   init = setup.initial_model(config, workdir)  # model config + where the weights come from
   model_config: ModelConfig = init.model_config
