@@ -340,7 +340,6 @@ def test_no_checkpoint_restores_stops_with_one_line_and_moves_nothing(env, unint
   assert not os.path.exists(os.path.join(workdir, "LOCK"))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax: a closed event loop
 def test_truncating_each_file_of_the_latest_checkpoint_never_stops_a_restore(uninterrupted, tmp_path):
   """Fault injection over checkpoints/12: each file in turn cut to half its size. The restore either falls
   back to step 9 (the file was needed) with step 9's exact state and data position, the damaged step moved
@@ -380,7 +379,7 @@ def test_truncating_each_file_of_the_latest_checkpoint_never_stops_a_restore(uni
       assert step == 12 and names == ["12", "9"], (rel, names)
     outcome[rel] = step
     shutil.rmtree(ckdir)
-    gc.collect()  # orbax's abandoned reads of the damaged file, collected here (under the warning filter)
+    gc.collect()  # orbax's abandoned reads of the damaged file (tests/conftest.py)
   fell_back = sorted(r for r, s in outcome.items() if s == 9)
   # The files every restore reads fall back, and so does the largest array data file.
   arrays = pathlib.Path(src, "12", "state", "ocdbt.process_0", "d")
