@@ -12,9 +12,9 @@ key-file split when the dataset has it), all. Batches are sharded over every loc
 
   python launch/evaluate.py --export=runs/demo/export --suite=configs/suite_demo.json --output=runs/demo/suite.json
 
---suite: several prepared datasets, each tagged scene | object, one protocol, instance and label metrics
-(vldeformer_jax/retrieval/suite.py); one JSON (--output) and its table beside it (.txt). A re-rank depth
-below the largest K reported is refused (exit 2) before anything is loaded.
+--suite: datasets tagged scene | object, one protocol, instance and label metrics (retrieval/suite.py); one
+JSON (--output) and a table (.txt). The --rerank_* flags override the file's; one dataset's flags (--data_dir,
+--protocol, ...) are refused; a re-rank depth below the largest K reported exits 2 before loading anything.
 """
 import sys
 
@@ -56,6 +56,8 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override the
 _TIMING = flags.DEFINE_integer("timing_pairs", 0, "Also time decomposed vs early-interaction retrieval, the "
                                "latter on this many sampled pairs, extrapolated (retrieval/timing.py).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON results.")
+_NOT_WITH_SUITE = ("data_dir", "dataset", "split", "protocol", "max_images", "cross_encoder", "cross_max_images",
+                   "timing_pairs")
 flags.register_multi_flags_validator(["export", "workdir"], lambda f: (f["export"] is None) != (f["workdir"] is None),
                                      "give exactly one of --export and --workdir")
 
@@ -70,12 +72,16 @@ def main(argv):
   if _SUITE.value is None and not (_DATA_DIR.value and _DATASET.value):
     raise app.UsageError("give --data_dir and --dataset, or --suite")
   try:
-    if _SUITE.value:  # the depth guard first: a refusal loads nothing
-      rerank = _RERANK.value if flags.FLAGS["rerank_top_k"].present else None
-      suite.check_rerank_depth(suite.load_suite(_SUITE.value)["rerank_top_k"] if rerank is None else rerank)
+    if _SUITE.value:  # the suite file names the data and the protocol; the re-rank flags override it
+      ignored = [f"--{n}" for n in _NOT_WITH_SUITE if flags.FLAGS[n].present]
+      if ignored:
+        raise app.UsageError(f"{', '.join(ignored)}: not with --suite (the suite file sets them)")
+      rerank = {n: flags.FLAGS[n].value for n in ("rerank_top_k", "rerank_score", "rerank_weight")
+                if flags.FLAGS[n].present}
+      suite.check_rerank_depth(suite.load_suite(_SUITE.value, rerank)["rerank_top_k"])  # before loading
       export = _EXPORT.value or checkpoint_export.export_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
-      suite.run_suite(export, _SUITE.value, output=_OUTPUT.value, rerank_top_k=rerank, batch_size=_BATCH.value,
-                      dtype=_DTYPE.value, allow_untrained_head=_ALLOW_UNTRAINED.value)
+      suite.run_suite(export, _SUITE.value, output=_OUTPUT.value, batch_size=_BATCH.value, dtype=_DTYPE.value,
+                      allow_untrained_head=_ALLOW_UNTRAINED.value, rerank_export=_RERANK_EXPORT.value, **rerank)
       return
     export = _EXPORT.value or checkpoint_export.export_checkpoint(_WORKDIR.value, _CHECKPOINT.value)
     evaluate.run_evaluation(export, _DATA_DIR.value, _DATASET.value, _SPLIT.value,

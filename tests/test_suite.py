@@ -92,6 +92,36 @@ def test_suite_equals_evaluate_plus_label_map_and_is_deterministic():
   assert "mean scene (2)" in table and "objects" in table and len(table.splitlines()) == 2 + 3 + 2
 
 
+def test_rerank_score_and_weight_from_the_suite_or_its_overrides():
+  assert suite.load_suite(SUITE)["rerank_score"] == "cross"
+  s = suite.load_suite({**SUITE, "rerank_score": "mixed"},
+                       {"rerank_top_k": 10, "rerank_weight": 0.25, "rerank_score": None})  # None: the file's
+  assert (s["rerank_top_k"], s["rerank_score"], s["rerank_weight"]) == (10, "mixed", 0.25)
+  with pytest.raises(ValueError, match="unknown rerank_score 'bm25'"):
+    suite.load_suite(SUITE, {"rerank_score": "bm25"})
+  enc = Encoder(CFG, tiny_params(CFG, 0), inputs.load_tokenizer(), batch_size=8)
+  for score in ("decomposed", "late"):
+    res = suite.evaluate_suite(enc, {**SUITE, "rerank_top_k": 10, "rerank_score": score}, load_split=fake_load_split)
+    assert res["rerank_score"] == score and "rerank_weight" not in res
+    direct = evaluate.evaluate(enc, DATA["objs"], rerank_top_k=10, rerank_score=score, progress=False)
+    got = res["datasets"]["objects"]["reranked"]
+    assert got["rerank_score"] == score
+    assert {k: got[k] for k in ("i2t", "t2i", "rsum")} == {k: direct["reranked"][k] for k in ("i2t", "t2i", "rsum")}
+
+
+def test_run_suite_refuses_an_untrained_head_only_for_the_scores_that_use_it(tmp_path, monkeypatch):
+  from vldeformer_jax.data import prepare
+  from vldeformer_jax.io.export import UntrainedHeadError
+  export.write_export(str(tmp_path / "raw"), tiny_params(CFG, 0), CFG, inputs.BUNDLED_VOCAB,
+                      metadata={"untrained": ["classifier/kernel", "classifier/bias"]})
+  monkeypatch.setattr(prepare, "load_split", fake_load_split)
+  for score in ("cross", "mixed"):
+    with pytest.raises(UntrainedHeadError):
+      suite.run_suite(str(tmp_path / "raw"), SUITE, rerank_top_k=10, rerank_score=score, progress=False)
+  res = suite.run_suite(str(tmp_path / "raw"), SUITE, rerank_top_k=10, rerank_score="late", progress=False)
+  assert res["rerank_score"] == "late" and res["datasets"]["objects"]["reranked"]["rerank_score"] == "late"
+
+
 def test_launcher_suite_run_and_depth_refusal(tmp_path):
   from vldeformer_jax.data import demo_world as demo
   from vldeformer_jax.data import object_demo
@@ -111,6 +141,11 @@ def test_launcher_suite_run_and_depth_refusal(tmp_path):
   assert refused.stderr.strip().splitlines() == [
       "error: re-rank depth 5 is smaller than the largest K reported (R@10): a re-ranked R@10 would mix "
       "re-ranked and unre-ranked positions; use rerank_top_k >= 10 or 0"]
+  one_dataset = subprocess.run([sys.executable, "launch/evaluate.py", f"--export={tmp_path / 'export'}",
+                                f"--suite={path}", "--protocol=coco1k", "--split=val"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+  assert one_dataset.returncode == 2 and one_dataset.stderr.strip().splitlines()[-1] == (
+      "usage error: --split, --protocol: not with --suite (the suite file sets them)"), one_dataset.stderr[-2000:]
   out = tmp_path / "res" / "suite.json"
   run = subprocess.run([sys.executable, "launch/evaluate.py", f"--export={tmp_path / 'export'}", f"--suite={path}",
                         "--batch_size=8", f"--output={out}"], cwd=ROOT, env=env, capture_output=True, text=True,

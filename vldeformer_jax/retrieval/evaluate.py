@@ -208,6 +208,23 @@ def format_table(results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def load_reranker(encoder, rerank_top_k: int, rerank_score: str, rerank_export: str | None = None, *,
+                  dtype: str | None = None, mesh=None, batch_size: int = 64, allow_untrained_head: bool = False):
+  """The encoder whose match head scores the re-ranked pairs: None when nothing is re-ranked or the score
+  needs no head (`decomposed`, `late`, ...), else `rerank_export` loaded (default: `encoder` itself). An
+  unknown score, or a head that was never trained, is refused (ValueError, `UntrainedHeadError`) before any
+  data is read."""
+  if rerank_score not in rerank_lib.RERANK_SCORES:
+    raise ValueError(f"unknown re-rank score {rerank_score!r}; expected one of {rerank_lib.RERANK_SCORES}")
+  if not rerank_top_k or rerank_score not in rerank_lib.NEEDS_MATCH_HEAD:
+    return None
+  reranker = encoder if rerank_export is None else Encoder.load(
+      rerank_export, dtype=dtype, mesh=mesh, batch_size=batch_size, allow_untrained_head=allow_untrained_head)
+  if reranker.match_head_error:
+    raise UntrainedHeadError(reranker.match_head_error)
+  return reranker
+
+
 def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test", *, protocol: str = "full",
                    rerank_top_k: int = 0, cross_encoder: bool = False, output: str | None = None,
                    batch_size: int = 64, max_images: int | None = None, cross_max_images: int | None = None,
@@ -231,16 +248,10 @@ def run_evaluation(export: str, data_dir: str, dataset: str, split: str = "test"
   mesh = parallel.make_mesh() if use_mesh and jax.device_count() > 1 else None
   encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size,
                          allow_untrained_head=allow_untrained_head)
-  if rerank_score not in rerank_lib.RERANK_SCORES:
-    raise ValueError(f"unknown re-rank score {rerank_score!r}; expected one of {rerank_lib.RERANK_SCORES}")
+  reranker = load_reranker(encoder, rerank_top_k, rerank_score, rerank_export, dtype=dtype, mesh=mesh,
+                           batch_size=batch_size, allow_untrained_head=allow_untrained_head)
   if (cross_encoder or timing_pairs) and encoder.match_head_error:
     raise UntrainedHeadError(encoder.match_head_error)
-  reranker = None
-  if rerank_top_k and rerank_score in rerank_lib.NEEDS_MATCH_HEAD:
-    reranker = encoder if rerank_export is None else Encoder.load(
-        rerank_export, dtype=dtype, mesh=mesh, batch_size=batch_size, allow_untrained_head=allow_untrained_head)
-    if reranker.match_head_error:
-      raise UntrainedHeadError(reranker.match_head_error)
   rerank_kw = dict(rerank_top_k=rerank_top_k, rerank_score=rerank_score, rerank_weight=rerank_weight,
                    cross_encoder=reranker)
   source = prepare.load_split(data_dir, dataset, split)

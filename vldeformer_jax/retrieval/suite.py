@@ -2,19 +2,22 @@
 
 A suite file (JSON, or YAML when named .yaml/.yml):
 
-  {"protocol": "full", "rerank_top_k": 0, "label_map_ks": [10, 50], "max_images": null,
+  {"protocol": "full", "rerank_top_k": 0, "rerank_score": "cross", "rerank_weight": 0.5,
+   "label_map_ks": [10, 50], "max_images": null,
    "datasets": [{"name": "vldeformer_demo", "data_dir": "runs/demo/data", "split": "test", "tag": "scene"},
                 {"name": "vldeformer_demo_objects", "data_dir": "runs/demo/data", "tag": "object",
                  "label": "demo objects"}]}
 
 `tag` is `scene` (several objects and relations per image) or `object` (one object per image); `split`
 defaults to `test`, `label` (the row name) to `name/split`; a relative `data_dir` is read from the suite
-file's folder. Every dataset goes through `evaluate.evaluate` (same protocol, batch size, re-rank depth) and
-`label_metrics.label_map_metrics` on the decomposed similarity, with each image's tag words as its labels.
+file's folder. Every dataset goes through `evaluate.evaluate` (same protocol, batch size, re-rank depth,
+score and weight: retrieval/rerank.py) and `label_metrics.label_map_metrics` on the decomposed similarity,
+with each image's tag words as its labels.
 
 The result (`run_suite`, one per model) is deterministic: the same export and data give the same JSON
 (wall-clock timings are left out):
-  {"model", "export", "export_fingerprint", "suite", "protocol", "rerank_top_k",
+  {"model", "export", "export_fingerprint", "suite", "protocol", "rerank_top_k", "rerank_score",
+   ["rerank_weight" (mixed)], ["rerank_export"],
    "datasets": {label: {"name", "data_dir", "split", "tag", ...evaluate's metrics..., "label_map": {...}}},
    "dataset_order": [label, ...] (the suite's order),
    "by_tag": {"scene": {metric: mean over the tag's datasets}, "object": {...}}}
@@ -34,10 +37,12 @@ import numpy as np
 from vldeformer_jax.io.files import read_json, read_yaml, write_json_atomic, write_text_atomic
 from vldeformer_jax.retrieval import label_metrics
 from vldeformer_jax.retrieval.metrics import PROTOCOLS, RECALL_KS
+from vldeformer_jax.retrieval.rerank import RERANK_SCORES
 
 TAGS = ("scene", "object")
 _DATASET_KEYS = {"name", "data_dir", "split", "tag", "label"}
-_SUITE_KEYS = {"datasets", "protocol", "rerank_top_k", "label_map_ks", "max_images", "batch_size"}
+_SUITE_KEYS = {"datasets", "protocol", "rerank_top_k", "rerank_score", "rerank_weight", "label_map_ks",
+               "max_images", "batch_size"}
 _TIMING_KEYS = ("timing", "seconds")
 
 
@@ -54,8 +59,9 @@ def check_rerank_depth(rerank_top_k: int, ks=RECALL_KS) -> None:
                            f"rerank_top_k >= {max(ks)} or 0")
 
 
-def load_suite(path_or_dict) -> dict:
-  """Reads and checks a suite (see the module docstring); returns it with defaults filled in."""
+def load_suite(path_or_dict, overrides: dict | None = None) -> dict:
+  """Reads and checks a suite (see the module docstring); returns it with defaults filled in. `overrides`:
+  top-level values (not None) that replace the file's before the checks (the launcher's flags)."""
   base = "."
   if isinstance(path_or_dict, dict):
     suite = dict(path_or_dict)
@@ -68,6 +74,7 @@ def load_suite(path_or_dict) -> dict:
       suite = read_json(path, what="suite file")
     if not isinstance(suite, dict):
       raise ValueError(f"suite {path}: expected a mapping with `datasets`, got {type(suite).__name__}")
+  suite.update({k: v for k, v in (overrides or {}).items() if v is not None})
   unknown = set(suite) - _SUITE_KEYS
   if unknown:
     raise ValueError(f"suite: unknown keys {sorted(unknown)}; expected some of {sorted(_SUITE_KEYS)}")
@@ -78,6 +85,10 @@ def load_suite(path_or_dict) -> dict:
   if suite["protocol"] not in PROTOCOLS:
     raise ValueError(f"suite: unknown protocol {suite['protocol']!r}; expected one of {PROTOCOLS}")
   suite.setdefault("rerank_top_k", 0)
+  suite.setdefault("rerank_score", "cross")
+  if suite["rerank_score"] not in RERANK_SCORES:
+    raise ValueError(f"suite: unknown rerank_score {suite['rerank_score']!r}; expected one of {RERANK_SCORES}")
+  suite["rerank_weight"] = float(suite.get("rerank_weight", 0.5))
   suite.setdefault("label_map_ks", list(label_metrics.LABEL_MAP_KS))
   suite.setdefault("max_images", None)
   out, seen = [], set()
@@ -126,8 +137,9 @@ def _get(m, path):
 
 
 def evaluate_suite(encoder, suite, *, batch_size: int | None = None, mesh=None, progress: bool = False,
-                   load_split=None) -> dict:
-  """Every dataset of `suite` (a dict from `load_suite`, or a path) with `encoder`; see the module docstring."""
+                   load_split=None, cross_encoder=None) -> dict:
+  """Every dataset of `suite` (a dict from `load_suite`, or a path) with `encoder`; see the module docstring.
+  `cross_encoder`: whose match head scores re-ranked pairs for `cross` / `mixed` (default `encoder`)."""
   from vldeformer_jax.retrieval import evaluate as evaluate_lib
   if load_split is None:
     from vldeformer_jax.data.prepare import load_split
@@ -135,13 +147,17 @@ def evaluate_suite(encoder, suite, *, batch_size: int | None = None, mesh=None, 
   check_rerank_depth(suite["rerank_top_k"])
   batch_size = batch_size or suite.get("batch_size")
   out: dict[str, Any] = {"export_fingerprint": encoder.fingerprint, "protocol": suite["protocol"],
-                         "rerank_top_k": int(suite["rerank_top_k"]), "datasets": {},
+                         "rerank_top_k": int(suite["rerank_top_k"]), "rerank_score": suite["rerank_score"],
+                         "datasets": {},
                          "dataset_order": [d["label"] for d in suite["datasets"]]}
+  if suite["rerank_score"] == "mixed":
+    out["rerank_weight"] = suite["rerank_weight"]
   for d in suite["datasets"]:
     source = load_split(d["data_dir"], d["name"], d["split"])
     res = evaluate_lib.evaluate(encoder, source, suite["protocol"], batch_size, mesh,
                                 rerank_top_k=suite["rerank_top_k"], max_images=suite["max_images"],
-                                progress=progress, return_embeddings=True)
+                                progress=progress, return_embeddings=True, rerank_score=suite["rerank_score"],
+                                rerank_weight=suite["rerank_weight"], cross_encoder=cross_encoder)
     img, txt, gallery = res.pop("_embeddings")
     sim = evaluate_lib.similarity(img, txt, mesh)
     res["label_map"] = label_metrics.label_map_metrics(sim, _image_labels(gallery), gallery.txt2img,
@@ -174,28 +190,33 @@ def format_suite_table(result: dict) -> str:
 
 
 def run_suite(export: str, suite_path, *, output: str | None = None, rerank_top_k: int | None = None,
+              rerank_score: str | None = None, rerank_weight: float | None = None, rerank_export: str | None = None,
               batch_size: int = 64, dtype: str | None = None, allow_untrained_head: bool = False,
               progress: bool = True) -> dict:
   """The launcher's job: one model (an export) over the suite; prints the table, and with `output` writes the
-  JSON there and the table beside it (`<output without .json>.txt`), atomically. `rerank_top_k` (not None)
-  overrides the suite's. The depth guard runs before the export is loaded."""
+  JSON there and the table beside it (`<output without .json>.txt`), atomically. `rerank_top_k`,
+  `rerank_score`, `rerank_weight` (not None) override the suite's; `rerank_export`: the cross-encoder of
+  `cross` / `mixed` re-ranking (default: `export`). The depth guard runs before the export is loaded."""
   import jax
 
   from vldeformer_jax import parallel
-  from vldeformer_jax.io.export import UntrainedHeadError
+  from vldeformer_jax.retrieval import evaluate as evaluate_lib
   from vldeformer_jax.retrieval.encoder import Encoder
-  suite = load_suite(suite_path)
-  if rerank_top_k is not None:
-    suite["rerank_top_k"] = int(rerank_top_k)
+  suite = load_suite(suite_path, {"rerank_top_k": rerank_top_k, "rerank_score": rerank_score,
+                                  "rerank_weight": rerank_weight})
   check_rerank_depth(suite["rerank_top_k"])
   mesh = parallel.make_mesh() if jax.device_count() > 1 else None
   encoder = Encoder.load(export, dtype=dtype, mesh=mesh, batch_size=batch_size,
                          allow_untrained_head=allow_untrained_head)
-  if suite["rerank_top_k"] and encoder.match_head_error:
-    raise UntrainedHeadError(encoder.match_head_error)
+  reranker = evaluate_lib.load_reranker(encoder, suite["rerank_top_k"], suite["rerank_score"], rerank_export,
+                                        dtype=dtype, mesh=mesh, batch_size=batch_size,
+                                        allow_untrained_head=allow_untrained_head)
   result = {"model": os.path.basename(os.path.normpath(export)), "export": export,
             "suite": None if isinstance(suite_path, dict) else str(suite_path)}
-  result |= evaluate_suite(encoder, suite, batch_size=batch_size, mesh=mesh, progress=progress)
+  if rerank_export is not None and reranker is not None:
+    result["rerank_export"] = rerank_export
+  result |= evaluate_suite(encoder, suite, batch_size=batch_size, mesh=mesh, progress=progress,
+                           cross_encoder=reranker)
   table = format_suite_table(result)
   print(table)
   if output:
