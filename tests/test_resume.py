@@ -18,11 +18,11 @@ Faults, each with the line printed, the exit status and what is on disk afterwar
   parameters; truncating each file of the latest checkpoint in turn never stops a restore; when no
   checkpoint restores the run stops with one line and moves nothing;
 - a run killed during its final export (a temporary export, no best/) heals on restart: the final
-  evaluation and best/ redone, the export written, the temporaries removed; a finished run is left alone;
-- a run with input worker processes killed with SIGKILL leaves no worker behind.
+  evaluation and best/ redone, the export written, the temporaries removed; a finished run is left alone
+  (tests/test_input_workers.py: a killed run's input workers die with it).
 
 The runs go through `launch/train.py` with configs/tiny.py (dropout on), as a user would; they share a
-persistent compilation cache so the identical train step compiles once.
+persistent compilation cache so the identical train step compiles once (tests/train_runs.py).
 """
 import gc
 import json
@@ -33,7 +33,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -41,20 +40,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from repo_configs import config_module  # noqa: E402
+from repo_configs import config_module
+from tolerances import ELEMENTARY, assert_f32
+from train_runs import ROOT, train_command as _cmd, train_env
+from vldeformer_jax import parallel
+from vldeformer_jax.io import checkpoint
+from vldeformer_jax.io.export import read_export
+from vldeformer_jax.model.config import ModelConfig
+from vldeformer_jax.training import optim
+from vldeformer_jax.training import state as state_lib
+from vldeformer_jax.training.metric_writers import read_metrics
 
 tiny = config_module("tiny")
-from vldeformer_jax.io import checkpoint  # noqa: E402
-from vldeformer_jax.training import optim
-from vldeformer_jax import parallel
-from vldeformer_jax.training import setup as train_setup
-from vldeformer_jax.training import state as state_lib
-from vldeformer_jax.io.export import read_export  # noqa: E402
-from vldeformer_jax.training.metric_writers import read_metrics  # noqa: E402
-from vldeformer_jax.model.config import ModelConfig  # noqa: E402
-from tolerances import ELEMENTARY, assert_f32  # noqa: E402
 
 TRAIN_KEYS = {"loss", "t2i_accuracy", "i2t_accuracy", "pos_sim", "neg_sim", "grad_norm", "param_norm",
               "learning_rate", "temperature"}
@@ -63,17 +60,7 @@ TIMING_KEYS = ("examples_per_sec", "first_step_seconds")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
-  data_dir = str(base / "tiny_data")
-  train_setup.generate_demo(tiny.get_config(), data_dir)  # skipped when another test file made it
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-              JAX_COMPILATION_CACHE_DIR=str(base / "jit_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0"), data_dir
-
-
-def _cmd(workdir, data_dir):
-  return [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/tiny.py",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", ]
+  return train_env(tmp_path_factory)
 
 
 def _finished_steps(workdir):
@@ -422,71 +409,3 @@ def test_killed_during_the_final_export_heals_on_restart(env, uninterrupted, tmp
   assert "final evaluation is missing" not in again.stderr and "wrote export" not in again.stderr
   assert open(os.path.join(workdir, "export", "export.json")).read() == export_json
   assert _records(workdir) == _records(uninterrupted)
-
-
-def _children(pid):
-  """Every live (not zombie) descendant of `pid`, from /proc."""
-  parents = {}
-  for entry in os.listdir("/proc"):
-    if entry.isdigit():
-      try:
-        stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-      except OSError:
-        continue
-      if stat[0] not in ("Z", "X"):
-        parents.setdefault(int(stat[1]), []).append(int(entry))
-  out, todo = [], [pid]
-  while todo:
-    kids = parents.get(todo.pop(), [])
-    out += kids
-    todo += kids
-  return out
-
-
-def _alive(pid):
-  try:
-    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-  except OSError:
-    return False
-
-
-def _cmdline(pid):
-  try:
-    return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-  except OSError:
-    return ""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
-def test_input_workers_die_with_a_killed_run(env, tmp_path):
-  environ, data_dir = env
-  workdir = str(tmp_path / "workers")
-  # The lone run's program (compiled once, cached), fed by 2 worker processes; killed at its first steps.
-  cmd = _cmd(workdir, data_dir) + ["--config.data.worker_count=2", "--config.train.checkpoint_every=1000"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  try:
-    workers, deadline = [], time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-      workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
-      if len(workers) >= 2 and read_metrics(os.path.join(workdir, "metrics.jsonl")):
-        break  # training, fed by its workers
-      time.sleep(0.1)
-    assert proc.poll() is None and len(workers) >= 2, (workers, proc.poll())
-    proc.send_signal(signal.SIGKILL)  # as the OOM killer does
-    try:
-      proc.communicate(timeout=30)  # a caller reading the run's pipes is not left waiting on the workers
-      pipes_closed = True
-    except subprocess.TimeoutExpired:
-      pipes_closed = False
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  deadline = time.time() + 5
-  while time.time() < deadline and any(_alive(p) for p in workers):
-    time.sleep(0.1)
-  survivors = [p for p in workers if _alive(p)]
-  for p in survivors:  # only ours, by pid, so a failure does not leak them into the next test
-    os.kill(p, signal.SIGKILL)
-  assert not survivors, f"input workers {survivors} outlived the killed run"
-  assert pipes_closed

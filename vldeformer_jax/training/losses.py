@@ -65,14 +65,9 @@ LOSS_NAMES = CONTRASTIVE_NAMES + ("sigmoid",)          # `sigmoid`: `sigmoid.sig
 # gradient) once more. The positive of each query is a column of the first part.
 
 
-def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-  """x / max(||x||, eps) in float32, like torch.nn.functional.normalize."""
-  x = x.astype(jnp.float32)
-  return x * inverse_norm(x, eps)[..., None]
-
-
 def inverse_norm(x: Array, eps: float = 1e-12) -> Array:
-  """1 / max(||x||, eps) over the last axis, in float32: what l2_normalize multiplies by."""
+  """1 / max(||x||, eps) over the last axis, in float32: multiplying by it normalises x as
+  torch.nn.functional.normalize does."""
   x = x.astype(jnp.float32)
   return lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), eps * eps))
 
