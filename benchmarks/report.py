@@ -422,7 +422,8 @@ def render(r: dict[str, Any]) -> str:
                 + (f", on {where}." if where else "."))
   if r["quick"]:
     head.append("\n**Quick run** (smaller sizes, fewer repeats): a smoke test of the harness, not figures to quote.")
-  sections = [("Machine", machine(r))]
+  sections = [("Machine" + (" (of the base run; merged tables name theirs above)" if r.get("merged") else ""),
+               machine(r))]
   titles = {"peaks": "Matmul peaks (same run)", "train_step": "1. Training step: BERT-base, VinVL shape",
             "ablations": "1b. Where the step's time goes (choices measured)",
             "contrastive": "2. Contrastive loss: memory and time vs pool size",
