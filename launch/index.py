@@ -61,11 +61,19 @@ _RERANK_EXPORT = flags.DEFINE_string("rerank_export", None, "Cross-encoder expor
 _ALLOW_UNTRAINED = flags.DEFINE_bool("allow_untrained_head", False, "Re-rank with a never-trained match head.")
 _EXACT = flags.DEFINE_bool("exact", False, "JAX scan of the float rows even for a compact or faiss index (query).")
 flags.mark_flags_as_required(["export", "index"])
+# A flag of the other command is refused rather than ignored (--nprobe / --ef_search belong to both).
+_ONLY = {"build": ("side", "compact", "overwrite", "backend", "faiss_index", "nlist", "M", "ef_construction",
+                   "coordinator_address", "num_processes", "process_id", "store_tokens"),
+         "query": ("text", "image_id", "k", "rerank_top_k", "rerank_score", "rerank_weight", "rerank_export",
+                   "allow_untrained_head", "exact")}
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("build", "query"):
     raise app.UsageError("usage: launch/index.py build|query --index=... --export=... (see the docstring)")
+  other = [f"--{n}" for n in _ONLY["query" if argv[1] == "build" else "build"] if flags.FLAGS[n].present]
+  if other:
+    raise app.UsageError(f"{', '.join(other)}: not a `{argv[1]}` option (see launch/index.py's docstring)")
   from vldeformer_jax.retrieval import index_build, index_query
   if argv[1] == "build":
     from vldeformer_jax import parallel

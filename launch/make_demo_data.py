@@ -48,8 +48,10 @@ def main(argv):
   num_train = FLAGS.num_train or (600 if obj else demo.DEFAULT_NUM_TRAIN)
   num_test = FLAGS.num_test or (200 if obj else 1000)
   name = FLAGS.name or (object_demo.OBJECT_DEMO_NAME if obj else demo.DEMO_NAME)
-  if obj and FLAGS.noisy_captions:
-    raise app.UsageError("--noisy_captions applies to --variant=scene only")
+  if obj and (FLAGS.noisy_captions or FLAGS.bitext):
+    raise app.UsageError("--noisy_captions and --bitext apply to --variant=scene only")
+  if FLAGS.vinvl_dir and (FLAGS.bitext or FLAGS.overwrite):
+    raise app.UsageError("--bitext and --overwrite apply to --data_dir (a prepared dataset) only")
   noisy = {} if obj or not FLAGS.noisy_captions else {"noisy_captions": FLAGS.noisy_captions,
                                                        "noise_seed": FLAGS.noise_seed}
   if noisy and not FLAGS.name:

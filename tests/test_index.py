@@ -294,3 +294,7 @@ def test_cli_build_query_and_refusal(tiny):
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert foreign.returncode == 1
   assert "error: index" in foreign.stderr and "another space" in foreign.stderr
+  mixed = subprocess.run([sys.executable, "launch/index.py", "query", *common, "--text=a dog", "--compact=int8",
+                          "--side=images"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert mixed.returncode == 2 and mixed.stderr.strip().splitlines()[-1] == (
+      "usage error: --side, --compact: not a `query` option (see launch/index.py's docstring)"), mixed.stderr

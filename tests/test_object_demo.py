@@ -86,6 +86,13 @@ def test_make_demo_data_variant_object(tmp_path):
   assert run.returncode == 0, run.stderr[-2000:]
   assert run.stdout.strip().splitlines()[-1] == demo.OBJECT_DEMO_NAME
   assert len(prepare.load_split(str(tmp_path), demo.OBJECT_DEMO_NAME, "test")) == 4
+  for extra, message in (([f"--data_dir={tmp_path}", "--variant=object", "--bitext"],
+                          "--bitext apply to --variant=scene only"),
+                         ([f"--vinvl_dir={tmp_path / 'v'}", "--overwrite"], "--overwrite apply to --data_dir")):
+    args = [a for a in run.args if not a.startswith(("--data_dir", "--variant"))] + extra
+    refused = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "v")
 
 
 def test_class_subset_for_continual_tasks(tmp_path):
