@@ -117,3 +117,16 @@ def test_head_file_round_trip_and_refuses_another_export(distilled, tmp_path):
     bc.load_code_head_for_export(path, str(tmp_path / "other_export"))
   _fake_export(str(tmp_path / "same_export"), "a" * 64)
   assert bc.load_code_head_for_export(path, str(tmp_path / "same_export")).bits == 16
+
+
+def test_distillation_refuses_a_cross_teacher_without_weight_and_back(tmp_path):
+  """Refused before anything is loaded (the paths do not exist): a cross-encoder export with weight 0
+  would be recorded in the head's file as a teacher that taught nothing."""
+  from vldeformer_jax.training.code_distillation import run_distillation
+  common = dict(export=str(tmp_path / "none"), data_dir=str(tmp_path), dataset="d", split="train",
+                output=str(tmp_path / "head.npz"))
+  with pytest.raises(ValueError, match=r"--cross_export needs --cross_weight > 0, got 0.0"):
+    run_distillation(**common, cross_export=str(tmp_path / "stage1"), cross_weight=0.0)
+  with pytest.raises(ValueError, match=r"--cross_weight > 0 needs --cross_export"):
+    run_distillation(**common, cross_weight=0.5)
+  assert not os.path.exists(tmp_path / "head.npz")

@@ -263,6 +263,8 @@ def run_distillation(export: str, data_dir: str, dataset: str, split: str, outpu
                       seed=seed)
   if cross_weight > 0 and not cross_export:
     raise ValueError("--cross_weight > 0 needs --cross_export (an export with a trained match head)")
+  if cross_export and cross_weight <= 0:  # else the head's file would name a teacher that taught nothing
+    raise ValueError(f"--cross_export needs --cross_weight > 0, got {cross_weight}")
   encoder = Encoder.load(export, batch_size=batch_size)
   gallery = load_gallery(prepare.load_split(data_dir, dataset, split))
   img, txt, _ = embed_gallery(encoder, gallery, batch_size)
