@@ -39,8 +39,8 @@ def main(argv):
   tasks = []
   for t in range(_GROUPS.value):
     group = classes[t::_GROUPS.value]
-    name = object_demo.prepare_object_demo(data, _SEED.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
-                                    name=f"continual_task{t}", classes=group)
+    name = object_demo.prepare_object_demo(data, _SEED.value, num_train=_NUM_TRAIN.value,
+                                           num_test=_NUM_TEST.value, name=f"continual_task{t}", classes=group)
     tasks.append({"name": name, "data_dir": data, "classes": group})
   result = continual.run_continual(_CONFIG.value, _WORKDIR.value, tasks)
   print(continual.format_continual(result))

@@ -55,7 +55,8 @@ def test_same_world_prototypes_as_the_scene_demo():
   feats = world.region_features(3, p_scene, img)
   o = img.regions[0]
   direction = p_scene[0][o.cls]  # the class prototype dominates the region vector
-  cos = feats[0, :world.VISUAL_DIM] @ direction / np.linalg.norm(feats[0, :world.VISUAL_DIM]) / np.linalg.norm(direction)
+  visual = feats[0, :world.VISUAL_DIM]
+  cos = visual @ direction / np.linalg.norm(visual) / np.linalg.norm(direction)
   assert cos > 0.3
 
 

@@ -131,8 +131,9 @@ def test_launcher_suite_run_and_depth_refusal(tmp_path):
   demo.prepare_demo(data, seed=1, num_train=2, num_test=6)
   object_demo.prepare_object_demo(data, seed=1, num_train=2, num_test=6)
   path = tmp_path / "suite.json"
-  path.write_text(json.dumps({"datasets": [{"name": demo.DEMO_NAME, "data_dir": "data", "tag": "scene"},
-                                           {"name": object_demo.OBJECT_DEMO_NAME, "data_dir": "data", "tag": "object"}]}))
+  path.write_text(json.dumps({"datasets": [
+      {"name": demo.DEMO_NAME, "data_dir": "data", "tag": "scene"},
+      {"name": object_demo.OBJECT_DEMO_NAME, "data_dir": "data", "tag": "object"}]}))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   refused = subprocess.run([sys.executable, "launch/evaluate.py", f"--export={tmp_path / 'no_export'}",
                             f"--suite={path}", "--rerank_top_k=5"], cwd=ROOT, env=env, capture_output=True,

@@ -63,6 +63,7 @@ def vocabulary() -> list[str]:
 
 @dataclasses.dataclass
 class WorldObject:
+  """One object of the world: indices into CLASSES / COLOURS / SIZES, a grid cell and its box jitter."""
   cls: int
   colour: int
   size: int  # 0 small, 1 large
@@ -72,6 +73,7 @@ class WorldObject:
 
 @dataclasses.dataclass
 class WorldImage:
+  """One generated image: what its captions describe, what the detector saw, and its captions."""
   image_id: int
   width: int
   height: int
@@ -81,8 +83,9 @@ class WorldImage:
 
 
 def new_object(rng, cls, cell) -> WorldObject:
+  """An object of class `cls` in grid `cell`; colour, size and jitter drawn from `rng`."""
   return WorldObject(int(cls), int(rng.integers(len(COLOURS))), int(rng.integers(2)), int(cell),
-              tuple(float(v) for v in rng.uniform(-1, 1, 4)))
+                     tuple(float(v) for v in rng.uniform(-1, 1, 4)))
 
 
 def _box(o: WorldObject, w: int, h: int) -> tuple[float, float, float, float]:
@@ -139,6 +142,7 @@ def _one_change(rng, base: list[WorldObject]) -> list[WorldObject]:
 
 
 def with_article(phrase: str) -> str:
+  """'a' or 'an' + `phrase`."""
   return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -413,8 +417,8 @@ def prepare_demo(data_dir: str, seed: int = 0, *, num_train: int = DEFAULT_NUM_T
     want.update(noisy_captions=float(noisy_captions), noise_seed=int(noise_seed))
   write = lambda out: write_demo_vinvl(out, seed, num_train, num_test, noisy_captions, noise_seed)  # noqa: E731
   return prepare_generated(data_dir, name, want, write,
-                            f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
-                            overwrite)
+                           f"VLDeformer synthetic demo (seed {seed}), see vldeformer_jax/data/demo_world.py",
+                           overwrite)
 
 
 def prepare_generated(data_dir: str, name: str, want: dict, write, description: str, overwrite: bool) -> str:

@@ -99,8 +99,8 @@ def check_against_data(config, model_config, data) -> None:
   if len(data.train) < g:
     errors.append(f"config.train.global_batch_size: {g} exceeds the {len(data.train)} images of split "
                   f"{config.data.train_split!r}")
-  errors += config_checks.length_errors(model_config.max_text_len, model_config.tag_len, model_config.max_position_embeddings,
-                          config.objective, "the model")
+  errors += config_checks.length_errors(model_config.max_text_len, model_config.tag_len,
+                                        model_config.max_position_embeddings, config.objective, "the model")
   errors += _record_errors(data.train, "config.data.train_split",
                            f"split {config.data.train_split!r} of dataset {config.data.name!r}", data.feature_dim)
   errors += _caption_count_errors(config, data)
