@@ -99,6 +99,8 @@ def test_rerank_score_and_weight_from_the_suite_or_its_overrides():
   assert (s["rerank_top_k"], s["rerank_score"], s["rerank_weight"]) == (10, "mixed", 0.25)
   with pytest.raises(ValueError, match="unknown rerank_score 'bm25'"):
     suite.load_suite(SUITE, {"rerank_score": "bm25"})
+  with pytest.raises(ValueError, match="rerank_weight must be a number, got 'half'"):
+    suite.load_suite({**SUITE, "rerank_weight": "half"})
   enc = Encoder(CFG, tiny_params(CFG, 0), inputs.load_tokenizer(), batch_size=8)
   for score in ("decomposed", "late"):
     res = suite.evaluate_suite(enc, {**SUITE, "rerank_top_k": 10, "rerank_score": score}, load_split=fake_load_split)

@@ -88,7 +88,10 @@ def load_suite(path_or_dict, overrides: dict | None = None) -> dict:
   suite.setdefault("rerank_score", "cross")
   if suite["rerank_score"] not in RERANK_SCORES:
     raise ValueError(f"suite: unknown rerank_score {suite['rerank_score']!r}; expected one of {RERANK_SCORES}")
-  suite["rerank_weight"] = float(suite.get("rerank_weight", 0.5))
+  try:
+    suite["rerank_weight"] = float(suite.get("rerank_weight", 0.5))
+  except (TypeError, ValueError):
+    raise ValueError(f"suite: rerank_weight must be a number, got {suite['rerank_weight']!r}") from None
   suite.setdefault("label_map_ks", list(label_metrics.LABEL_MAP_KS))
   suite.setdefault("max_images", None)
   out, seen = [], set()
