@@ -13,7 +13,7 @@ The demo's stage-2 settings (`vldeformer_jax.demo.settings.stage2_config('negati
 the demo job) with captions up to 32 wordpieces in both runs (Spanish captions are longer in the English
 vocabulary: up to 39 pieces, 0.9% of them cut at 32), 200 steps, and with `arg` '' (or a weight) the
 text-text task: 64 caption-translation pairs per step beside the 64 image-caption pairs, weight 0.3 (`arg` ''
-or 'on'; a number: that weight). Weight 1 cost English up to 2.5 points of image-to-text recall, 0.3 at most
+or 'on'; a number: that weight). Weight 1 cost English up to 3.9 points of image-to-text recall, 0.3 at most
 1.0 with Spanish recall as high (docs/objectives.md).
 `arg` 'off': the same run without it. The Spanish captions are never paired with an image in training.
 """
