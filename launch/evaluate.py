@@ -73,9 +73,7 @@ def main(argv):
     raise app.UsageError("give --data_dir and --dataset, or --suite")
   try:
     if _SUITE.value:  # the suite file names the data and the protocol; the re-rank flags override it
-      ignored = [f"--{n}" for n in _NOT_WITH_SUITE if flags.FLAGS[n].present]
-      if ignored:
-        raise app.UsageError(f"{', '.join(ignored)}: not with --suite (the suite file sets them)")
+      cli.refuse_flags(_NOT_WITH_SUITE, "not with --suite (the suite file sets them)")
       rerank = {n: flags.FLAGS[n].value for n in ("rerank_top_k", "rerank_score", "rerank_weight")
                 if flags.FLAGS[n].present}
       suite.check_rerank_depth(suite.load_suite(_SUITE.value, rerank)["rerank_top_k"])  # before loading

@@ -71,9 +71,8 @@ _ONLY = {"build": ("side", "compact", "overwrite", "backend", "faiss_index", "nl
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("build", "query"):
     raise app.UsageError("usage: launch/index.py build|query --index=... --export=... (see the docstring)")
-  other = [f"--{n}" for n in _ONLY["query" if argv[1] == "build" else "build"] if flags.FLAGS[n].present]
-  if other:
-    raise app.UsageError(f"{', '.join(other)}: not a `{argv[1]}` option (see launch/index.py's docstring)")
+  cli.refuse_flags(_ONLY["query" if argv[1] == "build" else "build"],
+                   f"not a `{argv[1]}` option (see launch/index.py's docstring)")
   from vldeformer_jax.retrieval import index_build, index_query
   if argv[1] == "build":
     from vldeformer_jax import parallel

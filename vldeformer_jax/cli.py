@@ -41,6 +41,14 @@ def _fail(line: str, code: int):
 # Flags and config overrides.
 
 
+def refuse_flags(names, why: str, flag_values=flags.FLAGS) -> None:
+  """UsageError '--a, --b: WHY' when any of the flags `names` was given: a launcher refuses a flag it would
+  otherwise ignore (one of another sub-command, or of a mode that takes the value from elsewhere)."""
+  given = [f"--{n}" for n in names if flag_values[n].present]
+  if given:
+    raise app.UsageError(f"{', '.join(given)}: {why}")
+
+
 def _config_flag_names(flag_values) -> list[str]:
   """The flags defined by `config_flags.DEFINE_config_file`."""
   from ml_collections.config_flags import config_flags as impl
